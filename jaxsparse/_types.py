@@ -1,0 +1,35 @@
+"""The vocabulary of jaxsparse, defined once and imported everywhere."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeAlias
+
+import jax
+from jax.typing import ArrayLike
+
+KeyPath: TypeAlias = tuple[Any, ...]
+"""A key path as produced by :func:`jax.tree_util.tree_flatten_with_path`."""
+
+Params: TypeAlias = Any
+"""A pytree of parameter arrays (dict, tuple, NamedTuple, ``nnx.State``...)."""
+
+Scores: TypeAlias = Any
+"""A pytree of float arrays mirroring the params; higher means keep."""
+
+Mask: TypeAlias = Any
+"""A pytree mirroring the params: a ``bool`` array per pruned leaf (``True``
+keeps the entry) and ``None`` per leaf left dense."""
+
+Sparsity: TypeAlias = ArrayLike
+"""A fraction of entries to remove, in ``[0, 1)``; a Python number or a
+(possibly traced) scalar array."""
+
+SparsityTree: TypeAlias = Any
+"""A pytree mirroring the params with a :data:`Sparsity` per pruned leaf and
+``None`` per dense leaf."""
+
+LeafSelector: TypeAlias = Callable[[KeyPath, jax.Array], bool] | str | None
+"""Which leaves are pruned: ``None`` (arrays with ``ndim >= 2``), a predicate
+on ``(key_path, leaf)``, or a regular expression searched for in the
+``/``-joined key path (``"Dense_0/kernel"``)."""

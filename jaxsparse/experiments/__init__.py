@@ -1,0 +1,1 @@
+"""The command-line experiment runner (``python -m jaxsparse``)."""

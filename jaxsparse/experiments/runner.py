@@ -1,0 +1,249 @@
+"""Compare pruning methods on the embedded digits dataset.
+
+Train a dense MLP, prune a copy to each target sparsity with a saliency
+criterion and a distribution, fine-tune it with the mask held fixed, and
+report sparsity, non-zeros and test accuracy. Criteria and distributions
+are looked up in :data:`CRITERIA` and :data:`DISTRIBUTIONS`; a new method
+plugs in by adding an entry there.
+
+References:
+  Hoefler et al. 2021, §2.4.1 (train, sparsify, fine-tune).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import jaxsparse as js
+from jaxsparse import data
+from jaxsparse._types import Mask, Params, Scores
+
+Criterion = Callable[[Params, Params, jax.Array], Scores]
+"""``criterion(params, grads, key) -> scores``; grads are of the training loss
+on one batch at the params being pruned."""
+
+CRITERIA: dict[str, Criterion] = {
+    "magnitude": lambda params, grads, key: js.saliency.magnitude(params),
+    "random": lambda params, grads, key: js.saliency.random(params, key),
+    "taylor": lambda params, grads, key: js.saliency.taylor(params, grads),
+}
+
+DISTRIBUTIONS: dict[str, js.Distribution] = {
+    "uniform": js.Uniform(),
+    "erk": js.ERK(),
+    "global": js.Global(),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One experiment: the model, the training and the methods compared."""
+
+    seed: int = 0
+    hidden: tuple[int, ...] = (256, 128)
+    epochs: int = 40
+    finetune_epochs: int = 10
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    sparsities: tuple[float, ...] = (0.0, 0.5, 0.8, 0.9, 0.95)
+    criteria: tuple[str, ...] = ("magnitude",)
+    distribution: str = "uniform"
+
+
+class Row(NamedTuple):
+    """One line of the result table."""
+
+    criterion: str
+    target: float
+    sparsity: float
+    nonzeros: int
+    size: int
+    accuracy: float
+
+
+def init_mlp(key: jax.Array, sizes: Sequence[int]) -> Params:
+    """He-initialized dense layers ``{"dense_i": {"kernel", "bias"}}``."""
+    params = {}
+    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        w = jax.random.normal(jax.random.fold_in(key, i), (fan_in, fan_out))
+        params[f"dense_{i}"] = {
+            "kernel": w * jnp.sqrt(2.0 / fan_in),
+            "bias": jnp.zeros((fan_out,)),
+        }
+    return params
+
+
+def mlp(params: Params, x: jax.Array) -> jax.Array:
+    """ReLU MLP forward pass returning logits."""
+    n = len(params)
+    for i in range(n):
+        layer = params[f"dense_{i}"]
+        x = x @ layer["kernel"] + layer["bias"]
+        if i < n - 1:
+            x = jax.nn.relu(x)
+    return x
+
+
+def loss_fn(params: Params, x: jax.Array, y: jax.Array) -> jax.Array:
+    """Mean softmax cross-entropy."""
+    return optax.softmax_cross_entropy_with_integer_labels(mlp(params, x), y).mean()
+
+
+def _masked(tree: Params, mask: Mask) -> Params:
+    return js.apply_mask(tree, mask)
+
+
+def make_epoch(optimizer: optax.GradientTransformation, batch_size: int):
+    """A jitted epoch: shuffled mini-batches, gradients and params masked."""
+
+    @jax.jit
+    def epoch(params, opt_state, mask, x, y, key):
+        steps = x.shape[0] // batch_size
+        order = jax.random.permutation(key, x.shape[0])[: steps * batch_size]
+        batches = (
+            x[order].reshape(steps, batch_size, -1),
+            y[order].reshape(steps, batch_size),
+        )
+
+        def step(carry, batch):
+            params, opt_state = carry
+            grads = _masked(jax.grad(loss_fn)(params, *batch), mask)
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            params = _masked(optax.apply_updates(params, updates), mask)
+            return (params, opt_state), None
+
+        (params, opt_state), _ = jax.lax.scan(step, (params, opt_state), batches)
+        return params, opt_state
+
+    return epoch
+
+
+def accuracy(params: Params, x: np.ndarray, y: np.ndarray) -> float:
+    """Fraction of correct predictions."""
+    return float(jnp.mean(jnp.argmax(mlp(params, x), -1) == y))
+
+
+def run(config: Config) -> list[Row]:
+    """Trains, prunes and fine-tunes as ``config`` says; returns the rows."""
+    for name in config.criteria:
+        if name not in CRITERIA:
+            raise ValueError(f"unknown criterion {name!r}; known: {sorted(CRITERIA)}")
+    if config.distribution not in DISTRIBUTIONS:
+        raise ValueError(
+            f"unknown distribution {config.distribution!r}; "
+            f"known: {sorted(DISTRIBUTIONS)}"
+        )
+    for s in config.sparsities:
+        if not 0.0 <= s < 1.0:
+            raise ValueError(f"sparsities must be in [0, 1), got {s!r}")
+    split = data.digits(config.seed)
+    key = jax.random.PRNGKey(config.seed)
+    sizes = (split.x_train.shape[1], *config.hidden, split.num_classes)
+    params = init_mlp(jax.random.fold_in(key, 0), sizes)
+    optimizer = optax.adam(config.learning_rate)
+    epoch = make_epoch(optimizer, config.batch_size)
+    dense = js.dense_mask(params)
+    opt_state = optimizer.init(params)
+    for e in range(config.epochs):
+        params, opt_state = epoch(
+            params, opt_state, dense, split.x_train, split.y_train,
+            jax.random.fold_in(key, 1000 + e),
+        )
+    grads = jax.grad(loss_fn)(params, split.x_train, split.y_train)
+    distribution = DISTRIBUTIONS[config.distribution]
+    rows = []
+    for c, name in enumerate(config.criteria):
+        scores = CRITERIA[name](params, grads, jax.random.fold_in(key, 2000 + c))
+        for target in config.sparsities:
+            mask = js.topk_mask(scores, target, distribution=distribution)
+            pruned = _masked(params, mask)
+            state = optimizer.init(pruned)
+            for e in range(config.finetune_epochs):
+                pruned, state = epoch(
+                    pruned, state, mask, split.x_train, split.y_train,
+                    jax.random.fold_in(key, 3000 + e),
+                )
+            report = js.sparsity_report(pruned)
+            rows.append(
+                Row(
+                    name,
+                    target,
+                    report.sparsity,
+                    report.nonzeros,
+                    report.size,
+                    accuracy(pruned, split.x_test, split.y_test),
+                )
+            )
+    return rows
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    """The rows as an aligned text table."""
+    lines = [
+        f"{'criterion':<10} {'target':>7} {'sparsity':>9} {'non-zeros':>15} "
+        f"{'test acc':>9}"
+    ]
+    for r in rows:
+        lines.append(
+            f"{r.criterion:<10} {r.target:>7.0%} {r.sparsity:>9.2%} "
+            f"{f'{r.nonzeros}/{r.size}':>15} {r.accuracy:>9.2%}"
+        )
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    defaults = Config()
+    p = argparse.ArgumentParser(
+        prog="python -m jaxsparse",
+        description="Prune an MLP on the embedded digits dataset and compare.",
+    )
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--hidden", type=int, nargs="+", default=list(defaults.hidden))
+    p.add_argument("--epochs", type=int, default=defaults.epochs)
+    p.add_argument("--finetune-epochs", type=int, default=defaults.finetune_epochs)
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    p.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
+    p.add_argument(
+        "--sparsities", type=float, nargs="+", default=list(defaults.sparsities)
+    )
+    p.add_argument(
+        "--criteria", nargs="+", choices=sorted(CRITERIA),
+        default=list(defaults.criteria),
+    )
+    p.add_argument(
+        "--distribution", choices=sorted(DISTRIBUTIONS), default=defaults.distribution
+    )
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Command-line entry point."""
+    args = _parser().parse_args(argv)
+    config = Config(
+        seed=args.seed,
+        hidden=tuple(args.hidden),
+        epochs=args.epochs,
+        finetune_epochs=args.finetune_epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        sparsities=tuple(args.sparsities),
+        criteria=tuple(args.criteria),
+        distribution=args.distribution,
+    )
+    start = time.perf_counter()
+    rows = run(config)
+    print(
+        f"digits MLP {'-'.join(map(str, (64, *config.hidden, 10)))}, "
+        f"{config.distribution} distribution, seed {config.seed}"
+    )
+    print(format_table(rows))
+    print(f"({time.perf_counter() - start:.1f} s)")

@@ -1,0 +1,444 @@
+"""Mask pytrees: leaf selection, applying masks, exact top-k selection and
+sparsity statistics.
+
+A mask mirrors the params: a ``bool`` array per pruned leaf (``True`` keeps
+the entry) and ``None`` per leaf left dense. Which leaves are pruned is set
+by ``include`` (see :data:`jaxsparse.LeafSelector`): by default every array
+with ``ndim >= 2``.
+
+**Counting.** Pruning a fraction ``s`` of ``n`` entries (or groups) removes
+exactly ``round(s * n)`` of them, rounding half to even as Python's
+``round`` does, even when scores tie. ``s`` may be a traced scalar.
+
+**Ties and NaN.** Scores are ranked by value, NaN lowest (so NaN entries
+are pruned first and the result stays deterministic under ``jit``); among
+equal scores the entry that comes later (leaf order of the tree, then
+row-major position in the leaf) is pruned first. Use :func:`check_finite`
+to reject NaN eagerly instead.
+
+References:
+  Hoefler et al. 2021, §2.3 (what is sparsified), §3.2 (layer-wise versus
+  global thresholds).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import tree_util
+
+from jaxsparse import _tree
+from jaxsparse._select import num_pruned, prune_lowest
+from jaxsparse._types import LeafSelector, Mask, Params, Scores, Sparsity, SparsityTree
+from jaxsparse.distribution import Distribution, Global, Uniform
+from jaxsparse.structure import (
+    NM,
+    Element,
+    Granularity,
+    Reduce,
+    check_granularity,
+    num_groups,
+)
+
+
+def dense_mask(params: Params, *, include: LeafSelector = None) -> Mask:
+    """An all-``True`` mask over the leaves that ``include`` selects.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxsparse as js
+      >>> js.dense_mask({"w": jnp.ones((2, 2)), "b": jnp.ones(2)})
+      {'b': None, 'w': Array([[ True,  True],
+             [ True,  True]], dtype=bool)}
+    """
+    return _tree.map_selected(
+        lambda _, x: jnp.ones(jnp.shape(x), jnp.bool_), params, include
+    )
+
+
+def apply_mask(params: Params, mask: Mask) -> Params:
+    """Zeroes the pruned entries of ``params``; ``None`` mask leaves pass.
+
+    Args:
+      params: a pytree of arrays.
+      mask: a mask pytree with the same structure (``None`` for dense leaves).
+
+    Returns:
+      The params with every entry where the mask is ``False`` set to 0, in
+      each leaf's own dtype.
+
+    Raises:
+      ValueError: if the trees or a leaf's shapes differ.
+    """
+    _tree.check_same_tree(params, mask, name="mask", ref_name="params")
+    return tree_util.tree_map(
+        lambda m, p: p if m is None else jnp.where(m, p, jnp.zeros((), p.dtype)),
+        mask,
+        params,
+        is_leaf=_tree.is_none,
+    )
+
+
+def check_finite(tree: Any) -> None:
+    """Raises ``ValueError`` naming the first leaf holding NaN or infinity.
+
+    Eager (it reads the values on the host); use it before selection when
+    non-finite scores should stop a run rather than rank lowest.
+    """
+    for path, leaf in _tree.leaves_with_path(tree):
+        if leaf is None:
+            continue
+        values = np.asarray(leaf)
+        if not np.issubdtype(values.dtype, np.inexact):
+            continue
+        bad = ~np.isfinite(values)
+        if bad.any():
+            where = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise ValueError(
+                f"{_tree.path_str(path)}: {int(bad.sum())} non-finite value(s) "
+                f"(NaN or inf), the first at index {where}"
+            )
+
+
+def _leaf_sparsities(
+    scores: Scores, sparsity: Sparsity | SparsityTree, include: LeafSelector
+) -> list[tuple[int, str, jax.Array, Any]]:
+    """``(leaf index, path, leaf, sparsity)`` for every leaf to be pruned."""
+    leaves = _tree.leaves_with_path(scores)
+    select = _tree.leaf_selector(include)
+    if sparsity is None or not _is_tree(sparsity):
+        if sparsity is not None:
+            _tree.check_sparsity(sparsity)
+        return [
+            (i, _tree.path_str(p), x, sparsity)
+            for i, (p, x) in enumerate(leaves)
+            if x is not None and select(p, x)
+        ]
+    _tree.check_same_tree(
+        scores, sparsity, name="sparsity", ref_name="scores", shapes=False
+    )
+    out = []
+    for i, ((p, x), (_, s)) in enumerate(
+        zip(leaves, _tree.leaves_with_path(sparsity))
+    ):
+        if s is None or x is None:
+            continue
+        name = _tree.path_str(p)
+        _tree.check_sparsity(s, where=f"{name}: sparsity")
+        out.append((i, name, x, s))
+    return out
+
+
+def _is_tree(x: Any) -> bool:
+    return not isinstance(x, (int, float, np.ndarray, np.generic, jax.Array))
+
+
+def _unflatten_like(scores: Scores, masks: dict[int, jax.Array]) -> Mask:
+    leaves, treedef = tree_util.tree_flatten(scores, is_leaf=_tree.is_none)
+    return treedef.unflatten([masks.get(i) for i in range(len(leaves))])
+
+
+def _check_leaves(entries, granularity: Granularity) -> None:
+    check_granularity(granularity)
+    for _, name, leaf, _ in entries:
+        if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
+            raise TypeError(
+                f"{name}: scores must be floating point, got dtype {leaf.dtype}"
+            )
+        granularity.check(tuple(leaf.shape), name)
+
+
+def _nm_mask(scores, entries, granularity: NM) -> Mask:
+    for _, name, _, s in entries:
+        value = None if s is None else _tree.concrete_float(s)
+        if s is not None and (value is None or not math.isclose(value, granularity.sparsity)):
+            raise ValueError(
+                f"{name}: {granularity} fixes the sparsity at "
+                f"{granularity.sparsity}; pass sparsity=None, got {s!r}"
+            )
+    return _unflatten_like(scores, {i: granularity.keep(x) for i, _, x, _ in entries})
+
+
+def layerwise_mask(
+    scores: Scores,
+    sparsity: Sparsity | SparsityTree | None,
+    *,
+    granularity: Granularity = Element(),
+    include: LeafSelector = None,
+    reduce: Reduce = "l1",
+) -> Mask:
+    """Prunes each selected leaf to its own target by its own threshold.
+
+    Args:
+      scores: a pytree of float scores (higher means keep) mirroring params.
+      sparsity: one fraction for every selected leaf, or a pytree mirroring
+        ``scores`` with a fraction per leaf to prune and ``None`` per leaf to
+        leave dense (as :mod:`jaxsparse.distribution` returns; ``include`` is
+        then not consulted). ``None`` only with :class:`~jaxsparse.NM`, which
+        fixes the sparsity itself. May be traced.
+      granularity: which entries are removed together; the fraction counts
+        groups (``round(s * groups)`` groups are pruned in each leaf).
+      include: which leaves to prune when ``sparsity`` is a scalar.
+      reduce: how element scores become group scores: ``"l1"`` (sum of
+        absolute values), ``"l2"`` (Euclidean norm) or ``"sum"``.
+
+    Returns:
+      A mask pytree: ``bool`` arrays for pruned leaves, ``None`` elsewhere.
+
+    Raises:
+      ValueError: a concrete sparsity outside ``[0, 1)``, a sparsity tree
+        that does not match, or a shape the granularity does not divide
+        (naming the leaf path).
+      TypeError: non-float scores or an unknown granularity.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxsparse as js
+      >>> scores = {"w": jnp.array([[4.0, 1.0], [3.0, 2.0]])}
+      >>> js.layerwise_mask(scores, 0.5)["w"]
+      Array([[ True, False],
+             [ True, False]], dtype=bool)
+
+    References:
+      Hoefler et al. 2021, §3.2 (layer-wise magnitude thresholds).
+    """
+    entries = _leaf_sparsities(scores, sparsity, include)
+    _check_leaves(entries, granularity)
+    if isinstance(granularity, NM):
+        return _nm_mask(scores, entries, granularity)
+    if any(s is None for *_, s in entries):
+        raise ValueError("sparsity=None is only allowed with an NM granularity")
+    grouped = [granularity.group_scores(x, reduce) for _, _, x, _ in entries]
+    counts = [num_pruned(s, g.size) for (*_, s), g in zip(entries, grouped)]
+    pruned = prune_lowest([[g] for g in grouped], counts)
+    return _unflatten_like(
+        scores,
+        {
+            i: granularity.expand(~p[0], tuple(x.shape))
+            for (i, _, x, _), p in zip(entries, pruned)
+        },
+    )
+
+
+def global_mask(
+    scores: Scores,
+    sparsity: Sparsity,
+    *,
+    granularity: Granularity = Element(),
+    include: LeafSelector = None,
+    reduce: Reduce = "l1",
+    min_density: float = 0.0,
+) -> Mask:
+    """Prunes the selected leaves together by one threshold over all scores.
+
+    Scores of different leaves are compared directly, so they should be on
+    one scale (magnitude, Taylor, OBS saliency). ``min_density`` guards
+    against removing a whole layer: every leaf first keeps its own best
+    ``ceil(min_density * groups)`` groups, and the global threshold decides
+    the rest, so the total pruned count is still exact.
+
+    Args:
+      scores: a pytree of float scores (higher means keep).
+      sparsity: the fraction of all selected groups to prune (may be traced).
+      granularity: which entries are removed together (groups are counted).
+      include: which leaves take part.
+      reduce: group reduction, as in :func:`layerwise_mask`.
+      min_density: the fraction of each leaf's groups that is always kept,
+        in ``[0, 1]``; must not exceed ``1 - sparsity``.
+
+    Returns:
+      A mask pytree.
+
+    Raises:
+      ValueError: bad sparsity or ``min_density``, or a shape the
+        granularity does not divide.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxsparse as js
+      >>> scores = {"a": jnp.array([[1.0, 2.0]]), "b": jnp.array([[3.0, 4.0]])}
+      >>> m = js.global_mask(scores, 0.5)
+      >>> m["a"].tolist(), m["b"].tolist()
+      ([[False, False]], [[True, True]])
+
+    References:
+      Hoefler et al. 2021, §3.2 (global thresholds), §2.4.5 (layer collapse);
+      Wang et al. 2020 (a density floor per layer).
+    """
+    if _is_tree(sparsity) or np.ndim(sparsity) != 0:
+        raise ValueError("global_mask takes one scalar sparsity for all leaves")
+    if not 0.0 <= float(min_density) <= 1.0:
+        raise ValueError(f"min_density must be in [0, 1], got {min_density!r}")
+    entries = _leaf_sparsities(scores, sparsity, include)
+    _check_leaves(entries, granularity)
+    if isinstance(granularity, NM):
+        return _nm_mask(scores, entries, granularity)
+    grouped = [granularity.group_scores(x, reduce) for _, _, x, _ in entries]
+    total = sum(g.size for g in grouped)
+    count = num_pruned(sparsity, total)
+    valid = None
+    if min_density > 0.0:
+        floors = [math.ceil(min_density * g.size) for g in grouped]
+        value = _tree.concrete_float(sparsity)
+        if value is not None and count > total - sum(floors):
+            raise ValueError(
+                f"sparsity {value!r} prunes {count} of {total} groups but "
+                f"min_density={min_density!r} keeps at least {sum(floors)}"
+            )
+        floor_pruned = prune_lowest(
+            [[g] for g in grouped], [g.size - f for g, f in zip(grouped, floors)]
+        )
+        valid = [[p[0] for p in floor_pruned]]
+    pruned = prune_lowest([grouped], [count], valid)[0]
+    return _unflatten_like(
+        scores,
+        {
+            i: granularity.expand(~p, tuple(x.shape))
+            for (i, _, x, _), p in zip(entries, pruned)
+        },
+    )
+
+
+def topk_mask(
+    scores: Scores,
+    sparsity: Sparsity | None,
+    *,
+    distribution: Distribution = Uniform(),
+    granularity: Granularity = Element(),
+    include: LeafSelector = None,
+    reduce: Reduce = "l1",
+) -> Mask:
+    """Selects a mask from scores for one overall target, as ``distribution``
+    allocates it across leaves.
+
+    :class:`~jaxsparse.distribution.Global` selects with one threshold
+    (:func:`global_mask`); every other distribution allocates per-leaf
+    targets and selects layer-wise (:func:`layerwise_mask`).
+
+    Args:
+      scores: a pytree of float scores (higher means keep).
+      sparsity: the overall fraction to prune (may be traced; ``None`` for
+        :class:`~jaxsparse.NM` or a :class:`~jaxsparse.distribution.Custom`
+        map).
+      distribution: how the target is spread over leaves.
+      granularity: which entries are removed together.
+      include: which leaves are pruned.
+      reduce: group reduction, as in :func:`layerwise_mask`.
+
+    Returns:
+      A mask pytree.
+
+    References:
+      Hoefler et al. 2021, §3.1–3.2; Evci et al. 2020 (ERK).
+    """
+    if isinstance(distribution, Global):
+        return global_mask(
+            scores,
+            sparsity,
+            granularity=granularity,
+            include=include,
+            reduce=reduce,
+            min_density=distribution.min_density,
+        )
+    if isinstance(granularity, NM):
+        return layerwise_mask(scores, None, granularity=granularity, include=include)
+    if not isinstance(distribution, Distribution):
+        raise TypeError(
+            "distribution must be Uniform(), ERK(), Global() or Custom(...), "
+            f"got {distribution!r}"
+        )
+    targets = distribution.allocate(scores, sparsity, include=include)
+    return layerwise_mask(scores, targets, granularity=granularity, reduce=reduce)
+
+
+def _zero(x: jax.Array) -> jax.Array:
+    return ~x if x.dtype == jnp.bool_ else x == 0
+
+
+def sparsity(tree: Any, *, include: LeafSelector = None) -> jax.Array:
+    """Fraction of zero entries (``False`` for masks) over the selected leaves.
+
+    Jittable; returns a float32 scalar (0 when nothing is selected).
+    """
+    leaves = [x for _, x in _tree.selected(tree, include)]
+    size = sum(x.size for x in leaves)
+    if size == 0:
+        return jnp.zeros((), jnp.float32)
+    zeros = sum(jnp.sum(_zero(jnp.asarray(x)), dtype=jnp.int32) for x in leaves)
+    return (zeros / size).astype(jnp.float32)
+
+
+class LeafSparsity(NamedTuple):
+    """Sparsity of one leaf."""
+
+    path: str
+    shape: tuple[int, ...]
+    size: int
+    nonzeros: int
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.nonzeros / self.size if self.size else 0.0
+
+
+class SparsityReport(NamedTuple):
+    """Per-leaf and total sparsity; ``str()`` gives a table."""
+
+    leaves: tuple[LeafSparsity, ...]
+
+    @property
+    def size(self) -> int:
+        return sum(leaf.size for leaf in self.leaves)
+
+    @property
+    def nonzeros(self) -> int:
+        return sum(leaf.nonzeros for leaf in self.leaves)
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.nonzeros / self.size if self.size else 0.0
+
+    def __str__(self) -> str:
+        rows = [
+            (leaf.path, str(leaf.shape), leaf.size, leaf.nonzeros, leaf.sparsity)
+            for leaf in self.leaves
+        ]
+        rows.append(("total", "", self.size, self.nonzeros, self.sparsity))
+        width = max([len("path")] + [len(r[0]) for r in rows])
+        swidth = max([len("shape")] + [len(r[1]) for r in rows])
+        lines = [
+            f"{'path':<{width}}  {'shape':<{swidth}}  {'size':>10}  "
+            f"{'non-zeros':>10}  {'sparsity':>8}"
+        ]
+        for path, shape, size, nnz, sp in rows:
+            lines.append(
+                f"{path:<{width}}  {shape:<{swidth}}  {size:>10}  {nnz:>10}  {sp:>8.2%}"
+            )
+        return "\n".join(lines)
+
+
+def sparsity_report(tree: Any, *, include: LeafSelector = None) -> SparsityReport:
+    """Counts the non-zero entries (``True`` for masks) of the selected leaves.
+
+    Eager: reads values on the host. Works for params and for masks.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxsparse as js
+      >>> print(js.sparsity_report({"w": jnp.array([[0.0, 1.0], [0.0, 2.0]])}))
+      path   shape   size   non-zeros  sparsity
+      w      (2, 2)        4           2    50.00%
+      total                4           2    50.00%
+    """
+    leaves = []
+    for path, leaf in _tree.selected(tree, include):
+        values = np.asarray(leaf)
+        leaves.append(
+            LeafSparsity(
+                _tree.path_str(path),
+                tuple(values.shape),
+                int(values.size),
+                int(np.count_nonzero(values)),
+            )
+        )
+    return SparsityReport(tuple(leaves))

@@ -1,0 +1,295 @@
+"""Tests for jaxsparse.masks (and the selection kernel in _select.py)."""
+
+import math
+import re
+
+import hypothesis.extra.numpy as hnp
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from trees import KINDS, make_tree
+
+import jaxsparse as js
+from jaxsparse import _tree
+from jaxsparse._select import num_pruned, order_key
+
+
+def reference_pruned(leaves, k):
+    """Brute force: sort (NaN lowest, then value, then later position first)
+    and prune the first ``k``; returns flat bool arrays per leaf."""
+    flat = np.concatenate([np.asarray(x, np.float64).ravel() for x in leaves])
+    pos = np.arange(flat.size)
+    nan = np.isnan(flat)
+    order = np.lexsort((-pos, np.where(nan, 0.0, flat), ~nan))
+    pruned = np.zeros(flat.size, bool)
+    pruned[order[:k]] = True
+    out, start = [], 0
+    for x in leaves:
+        out.append(pruned[start : start + np.size(x)].reshape(np.shape(x)))
+        start += np.size(x)
+    return out
+
+
+def selected_leaves(tree, include=None):
+    return [(_tree.path_str(p), x) for p, x in _tree.selected(tree, include)]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.9, 0.99])
+def test_layerwise_matches_reference(kind, dtype, sparsity):
+    scores = js.saliency.magnitude(make_tree(kind, dtype))
+    mask = jax.jit(js.layerwise_mask)(scores, sparsity)
+    for (path, s), (_, m) in zip(selected_leaves(scores), selected_leaves(mask)):
+        k = round(sparsity * s.size)
+        (expected,) = reference_pruned([np.asarray(s, np.float32)], k)
+        np.testing.assert_array_equal(~np.asarray(m), expected, err_msg=path)
+        assert int((~np.asarray(m)).sum()) == k
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("sparsity", [0.0, 0.25, 0.9, 0.97])
+def test_global_matches_reference(kind, dtype, sparsity):
+    scores = js.saliency.magnitude(make_tree(kind, dtype))
+    mask = jax.jit(js.global_mask)(scores, sparsity)
+    leaves = [s for _, s in selected_leaves(scores)]
+    total = sum(s.size for s in leaves)
+    expected = reference_pruned([np.asarray(s, np.float32) for s in leaves],
+                                round(sparsity * total))
+    got = [~np.asarray(m) for _, m in selected_leaves(mask)]
+    for g, e in zip(got, expected):
+        np.testing.assert_array_equal(g, e)
+
+
+def test_dense_leaves_stay_none_and_mask_mirrors_tree():
+    params = make_tree("namedtuple")
+    mask = js.layerwise_mask(js.saliency.magnitude(params), 0.5)
+    assert mask[0].bias is None and mask[1].bias is None
+    assert mask[0].kernel.dtype == jnp.bool_
+    assert mask[0].kernel.shape == params[0].kernel.shape
+    assert type(mask[0]) is type(params[0])
+
+
+@pytest.mark.parametrize("n", [1, 7, 64, 1000])
+@pytest.mark.parametrize("sparsity", [0.1, 0.5, 0.77])
+def test_all_equal_scores_prune_exact_count_latest_first(n, sparsity):
+    scores = {"w": jnp.ones((n, 1))}
+    pruned = ~np.asarray(js.layerwise_mask(scores, sparsity)["w"]).ravel()
+    k = round(sparsity * n)
+    assert pruned.sum() == k
+    np.testing.assert_array_equal(pruned, np.arange(n) >= n - k)
+
+
+def test_ties_across_leaves_break_by_tree_order():
+    scores = {"a": jnp.ones((2, 3)), "b": jnp.ones((2, 2))}
+    mask = js.global_mask(scores, 0.5)
+    np.testing.assert_array_equal(np.asarray(mask["a"]), [[True] * 3, [True, True, False]])
+    np.testing.assert_array_equal(np.asarray(mask["b"]), [[False] * 2] * 2)
+
+
+def test_nan_ranks_lowest_and_inf_orders():
+    scores = {"w": jnp.array([[1.0, jnp.nan, -jnp.inf, jnp.inf, 0.0, -0.0]])}
+    mask = js.layerwise_mask(scores, 0.5)["w"]
+    # NaN, then -inf, then the later of the two zeros.
+    np.testing.assert_array_equal(
+        np.asarray(mask), [[True, False, False, True, True, False]]
+    )
+
+
+def test_order_key_is_monotone():
+    x = jnp.array([jnp.nan, -jnp.inf, -3.0, -1e-30, -0.0, 0.0, 1e-30, 2.0, jnp.inf])
+    keys = np.asarray(order_key(x)).astype(np.int64)
+    assert keys[0] == 0
+    assert np.all(np.diff(keys[1:]) >= 0)
+    assert keys[4] == keys[5]
+    assert np.all(np.diff(np.delete(keys[1:], 3)) > 0)
+
+
+def test_float64_scores_are_not_merged_by_float32(x64):
+    base = 1.0
+    scores = {"w": jnp.array([[base, base + 1e-12, base + 2e-12, base + 3e-12]],
+                             jnp.float64)}
+    np.testing.assert_array_equal(
+        np.asarray(js.layerwise_mask(scores, 0.5)["w"]), [[False, False, True, True]]
+    )
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.123, 0.5, 0.9, 0.999])
+def test_traced_sparsity_compiles_once_and_counts_exactly(sparsity):
+    scores = js.saliency.magnitude(make_tree("dict"))
+    traces = []
+
+    @jax.jit
+    def select(s, sp):
+        traces.append(1)
+        return js.layerwise_mask(s, sp)
+
+    for sp in (0.2, sparsity):
+        mask = select(scores, jnp.asarray(sp, jnp.float32))
+        for (_, s), (_, m) in zip(selected_leaves(scores), selected_leaves(mask)):
+            assert int((~np.asarray(m)).sum()) == round(np.float32(sp) * s.size)
+    assert len(traces) == 1
+
+
+def test_num_pruned_rounds_half_to_even():
+    assert num_pruned(0.5, 5) == 2
+    assert num_pruned(0.5, 7) == 4
+    assert int(num_pruned(jnp.float32(0.5), 5)) == 2
+    assert int(jax.jit(num_pruned, static_argnums=1)(jnp.float32(0.5), 7)) == 4
+    assert num_pruned(0.9, 10**8) == 90_000_000
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    scores=hnp.arrays(
+        np.float32,
+        hnp.array_shapes(min_dims=2, max_dims=3, max_side=9),
+        elements=st.sampled_from([0.0, -1.0, 1.0, 2.5, np.nan, np.inf, -np.inf, 3e-8]),
+    ),
+    sparsity=st.floats(0.0, 0.999),
+)
+def test_selection_property_with_heavy_ties(scores, sparsity):
+    mask = js.layerwise_mask({"w": jnp.asarray(scores)}, sparsity)["w"]
+    (expected,) = reference_pruned([scores], round(sparsity * scores.size))
+    np.testing.assert_array_equal(~np.asarray(mask), expected)
+
+
+def test_include_predicate_and_regex():
+    params = make_tree("linen")
+    scores = js.saliency.magnitude(params)
+    by_regex = js.layerwise_mask(scores, 0.5, include="Dense_0/kernel")
+    assert by_regex["params"]["Conv_0"]["kernel"] is None
+    assert by_regex["params"]["Dense_0"]["kernel"] is not None
+    by_fn = js.layerwise_mask(scores, 0.5, include=lambda path, x: x.ndim == 1)
+    assert by_fn["params"]["Dense_0"]["kernel"] is None
+    assert by_fn["params"]["Dense_0"]["bias"].shape == (5,)
+    with pytest.raises(TypeError, match="include must be"):
+        js.layerwise_mask(scores, 0.5, include=3)
+
+
+def test_per_leaf_sparsity_tree():
+    scores = {"a": jnp.arange(10.0).reshape(2, 5), "b": jnp.arange(6.0).reshape(2, 3)}
+    mask = js.layerwise_mask(scores, {"a": 0.2, "b": None})
+    assert mask["b"] is None
+    np.testing.assert_array_equal(np.asarray(mask["a"]).ravel(), np.arange(10) >= 2)
+    with pytest.raises(ValueError, match="sparsity tree does not match"):
+        js.layerwise_mask(scores, {"a": 0.2})
+    with pytest.raises(ValueError, match=re.escape("b: sparsity must be in [0, 1)")):
+        js.layerwise_mask(scores, {"a": 0.2, "b": 1.0})
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5, float("nan")])
+def test_bad_sparsity_raises(bad):
+    scores = {"w": jnp.ones((3, 3))}
+    with pytest.raises(ValueError, match="sparsity must be in"):
+        js.layerwise_mask(scores, bad)
+    with pytest.raises(ValueError, match="sparsity must be in"):
+        js.global_mask(scores, bad)
+
+
+def test_non_float_scores_raise_with_path():
+    with pytest.raises(TypeError, match="layer/w: scores must be floating"):
+        js.layerwise_mask({"layer": {"w": jnp.ones((2, 2), jnp.int32)}}, 0.5)
+
+
+def test_global_min_density_guards_layers():
+    scores = {"small": jnp.full((4, 4), 0.01), "big": jnp.arange(1.0, 65.0).reshape(8, 8)}
+    plain = js.global_mask(scores, 0.5)
+    assert not np.asarray(plain["small"]).any()
+    guarded = js.global_mask(scores, 0.5, min_density=0.25)
+    assert np.asarray(guarded["small"]).sum() == 4
+    total_kept = sum(int(np.asarray(m).sum()) for m in guarded.values())
+    assert total_kept == 80 - round(0.5 * 80)
+    # The 4 guarded entries come out of the big leaf's share.
+    assert np.asarray(guarded["big"]).sum() == 36
+    np.testing.assert_array_equal(np.asarray(guarded["big"]).ravel(), np.arange(64) >= 28)
+    with pytest.raises(ValueError, match="min_density"):
+        js.global_mask(scores, 0.9, min_density=0.5)
+    with pytest.raises(ValueError, match="min_density must be in"):
+        js.global_mask(scores, 0.5, min_density=1.5)
+
+
+def test_global_min_density_traced():
+    scores = {"small": jnp.full((4, 4), 0.01), "big": jnp.arange(1.0, 65.0).reshape(8, 8)}
+    f = jax.jit(lambda s, sp: js.global_mask(s, sp, min_density=0.25))
+    mask = f(scores, jnp.float32(0.5))
+    assert np.asarray(mask["small"]).sum() == 4
+    assert np.asarray(mask["big"]).sum() == 36
+
+
+def test_apply_mask_zeroes_and_keeps_dtype():
+    params = make_tree("dict", jnp.bfloat16)
+    mask = js.layerwise_mask(js.saliency.magnitude(params), 0.5)
+    out = js.apply_mask(params, mask)
+    k = out["dense"]["kernel"]
+    assert k.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(k == 0), ~np.asarray(mask["dense"]["kernel"]))
+    np.testing.assert_array_equal(
+        np.asarray(out["dense"]["bias"]), np.asarray(params["dense"]["bias"])
+    )
+
+
+def test_apply_mask_mismatch_raises_with_path():
+    params = {"a": jnp.ones((2, 2)), "b": jnp.ones((3, 3))}
+    with pytest.raises(ValueError, match=re.escape("b: mask shape (2, 2)")):
+        js.apply_mask(params, {"a": None, "b": jnp.ones((2, 2), bool)})
+    with pytest.raises(ValueError, match="missing"):
+        js.apply_mask(params, {"a": None})
+    with pytest.raises(ValueError, match="does not match"):
+        js.apply_mask(params, [None, None])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_apply_mask_on_every_tree_kind(kind):
+    params = make_tree(kind)
+    mask = js.layerwise_mask(js.saliency.magnitude(params), 0.6)
+    out = jax.jit(js.apply_mask)(params, mask)
+    assert jax.tree.structure(out) == jax.tree.structure(params)
+    assert abs(float(js.sparsity(out)) - float(js.sparsity(mask))) < 1e-6
+
+
+def test_dense_mask():
+    mask = js.dense_mask(make_tree("dict"))
+    assert mask["dense"]["bias"] is None
+    assert np.asarray(mask["conv"]["kernel"]).all()
+
+
+def test_check_finite_names_leaf():
+    js.check_finite({"a": jnp.ones(3), "b": None, "c": jnp.arange(3)})
+    with pytest.raises(ValueError, match=r"layer/1: 2 non-finite value\(s\)"):
+        js.check_finite({"layer": [jnp.ones(2), jnp.array([1.0, jnp.nan, jnp.inf])]})
+
+
+def test_sparsity_report_and_scalar():
+    tree = {"w": jnp.array([[0.0, 1.0], [0.0, 2.0]]), "m": jnp.array([[True, False, False]])}
+    report = js.sparsity_report(tree)
+    assert [leaf.path for leaf in report.leaves] == ["m", "w"]
+    assert report.nonzeros == 3 and report.size == 7
+    assert math.isclose(report.sparsity, 4 / 7)
+    assert math.isclose(float(jax.jit(js.sparsity)(tree)), 4 / 7, rel_tol=1e-6)
+    text = str(report)
+    assert "total" in text and "57.14%" in text
+    assert float(js.sparsity({"b": jnp.ones(3)})) == 0.0
+
+
+@pytest.mark.parametrize("distribution", [js.Uniform(), js.ERK(), js.Global()])
+def test_topk_mask_hits_target(distribution):
+    scores = js.saliency.magnitude(make_tree("dict"))
+    mask = js.topk_mask(scores, 0.7, distribution=distribution)
+    report = js.sparsity_report(mask)
+    assert report.size - report.nonzeros == round(0.7 * report.size)
+
+
+def test_topk_mask_nm_and_custom():
+    scores = js.saliency.magnitude(make_tree("dict"))
+    nm = js.topk_mask(scores, None, granularity=js.NM(1, 2, axis=-2))
+    assert float(js.sparsity(nm)) == 0.5
+    custom = js.topk_mask(scores, None, distribution=js.Custom({"conv": 0.25}))
+    assert custom["dense"]["kernel"] is None
+    assert float(js.sparsity(custom)) == round(0.25 * 72) / 72
+    with pytest.raises(TypeError, match="distribution must be"):
+        js.topk_mask(scores, 0.5, distribution="erk")
