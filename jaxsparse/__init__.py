@@ -41,12 +41,11 @@ from jaxsparse.structure import Strided as Strided
 __version__ = "0.1.0"
 
 __all__ = (
-    "ERK",
-    "NM",
     "Block",
     "Channel",
     "Custom",
     "Distribution",
+    "ERK",
     "Element",
     "Global",
     "Granularity",
@@ -54,6 +53,7 @@ __all__ = (
     "LeafSelector",
     "LeafSparsity",
     "Mask",
+    "NM",
     "Params",
     "Scores",
     "Sparsity",

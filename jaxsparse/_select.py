@@ -168,7 +168,9 @@ def prune_lowest(
     ibits = max(max(sizes).bit_length(), 1)
 
     def position_step(i, js):
-        bit = jnp.left_shift(jnp.ones((), jnp.uint32), (ibits - 1 - i).astype(jnp.uint32))
+        bit = jnp.left_shift(
+            jnp.ones((), jnp.uint32), (ibits - 1 - i).astype(jnp.uint32)
+        )
         out = []
         for g, j in enumerate(js):
             cand = j | bit

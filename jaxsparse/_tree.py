@@ -45,8 +45,8 @@ def leaf_selector(include: LeafSelector) -> Callable[[KeyPath, Any], bool]:
         return lambda path, leaf: _is_array(leaf) and leaf.ndim >= 2
     if isinstance(include, str):
         pattern = re.compile(include)
-        return lambda path, leaf: _is_array(leaf) and bool(
-            pattern.search(path_str(path))
+        return lambda path, leaf: (
+            _is_array(leaf) and bool(pattern.search(path_str(path)))
         )
     if callable(include):
         return lambda path, leaf: _is_array(leaf) and bool(include(path, leaf))

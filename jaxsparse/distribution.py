@@ -115,7 +115,9 @@ def _allocate(
     deficit = keep_total - xp.sum(counts)
     order = xp.argsort(-(exact - counts), stable=True)
     rank = xp.argsort(order, stable=True)
-    counts = xp.minimum(counts + xp.where(rank.astype(dtype) < deficit, 1.0, 0.0), sizes)
+    counts = xp.minimum(
+        counts + xp.where(rank.astype(dtype) < deficit, 1.0, 0.0), sizes
+    )
     per_leaf = (sizes - counts) / sizes
     by_path = {
         _tree.path_str(p): float(per_leaf[i]) if xp is np else per_leaf[i]

@@ -41,7 +41,6 @@ from jaxsparse.structure import (
     Granularity,
     Reduce,
     check_granularity,
-    num_groups,
 )
 
 
@@ -121,15 +120,36 @@ def _leaf_sparsities(
         scores, sparsity, name="sparsity", ref_name="scores", shapes=False
     )
     out = []
-    for i, ((p, x), (_, s)) in enumerate(
-        zip(leaves, _tree.leaves_with_path(sparsity))
-    ):
+    for i, ((p, x), (_, s)) in enumerate(zip(leaves, _tree.leaves_with_path(sparsity))):
         if s is None or x is None:
             continue
         name = _tree.path_str(p)
         _tree.check_sparsity(s, where=f"{name}: sparsity")
         out.append((i, name, x, s))
     return out
+
+
+def _expand_like(
+    granularity: Granularity, keep: jax.Array, leaf: jax.Array
+) -> jax.Array:
+    """Expands a group mask to ``leaf``'s shape and, under an Explicit mesh,
+    its sharding (elementwise masks inherit it anyway; expanded group masks
+    would otherwise take the group axis's sharding only). Under Auto mesh
+    axes the layout is XLA's choice: pass ``out_shardings`` to pin it."""
+    mask = granularity.expand(keep, tuple(leaf.shape))
+    sharding = jax.typeof(leaf).sharding
+    spec = getattr(sharding, "spec", None)
+    mesh = getattr(sharding, "mesh", None)
+    explicit = jax.sharding.AxisType.Explicit
+    if (
+        spec is not None
+        and mesh is not None
+        and any(a is not None for a in spec)
+        and explicit in getattr(mesh, "axis_types", ())
+        and jax.typeof(mask).sharding.spec != spec
+    ):
+        mask = jax.sharding.reshard(mask, spec)
+    return mask
 
 
 def _is_tree(x: Any) -> bool:
@@ -154,7 +174,9 @@ def _check_leaves(entries, granularity: Granularity) -> None:
 def _nm_mask(scores, entries, granularity: NM) -> Mask:
     for _, name, _, s in entries:
         value = None if s is None else _tree.concrete_float(s)
-        if s is not None and (value is None or not math.isclose(value, granularity.sparsity)):
+        if s is not None and (
+            value is None or not math.isclose(value, granularity.sparsity)
+        ):
             raise ValueError(
                 f"{name}: {granularity} fixes the sparsity at "
                 f"{granularity.sparsity}; pass sparsity=None, got {s!r}"
@@ -216,7 +238,7 @@ def layerwise_mask(
     return _unflatten_like(
         scores,
         {
-            i: granularity.expand(~p[0], tuple(x.shape))
+            i: _expand_like(granularity, ~p[0], x)
             for (i, _, x, _), p in zip(entries, pruned)
         },
     )
@@ -294,7 +316,7 @@ def global_mask(
     return _unflatten_like(
         scores,
         {
-            i: granularity.expand(~p, tuple(x.shape))
+            i: _expand_like(granularity, ~p, x)
             for (i, _, x, _), p in zip(entries, pruned)
         },
     )

@@ -63,6 +63,20 @@ def _axis(axis: int, shape: tuple[int, ...], path: str, pattern: object) -> int:
     return axis % len(shape)
 
 
+def _split_axis(shape: tuple[int, ...], axis: int, inner: int) -> tuple[int, ...]:
+    """``shape`` with ``axis`` split into ``(shape[axis] // inner, inner)``."""
+    return (*shape[:axis], shape[axis] // inner, inner, *shape[axis + 1 :])
+
+
+def _regroup(
+    group_mask: jax.Array, shape: tuple[int, ...], axis: int, inner: int, reduced: int
+) -> jax.Array:
+    """Inverse of reducing axis ``reduced`` of ``_split_axis(shape, axis, inner)``."""
+    split = _split_axis(tuple(shape), axis, inner)
+    wide = jnp.expand_dims(group_mask, reduced)
+    return jnp.broadcast_to(wide, split).reshape(shape)
+
+
 def _positive_int(value: object, name: str, owner: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{owner}: {name} must be a positive int, got {value!r}")
@@ -112,9 +126,7 @@ class Block:
         if len(self.shape) > len(shape) or any(
             d % b for d, b in zip(shape, self._full(shape))
         ):
-            raise ValueError(
-                f"{path}: shape {tuple(shape)} is not divisible by {self}"
-            )
+            raise ValueError(f"{path}: shape {tuple(shape)} is not divisible by {self}")
 
     def group_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         return tuple(d // b for d, b in zip(shape, self._full(shape)))
@@ -179,23 +191,18 @@ class Strided:
                 f"along axis {self.axis}"
             )
 
-    def _split(self, shape: tuple[int, ...]) -> tuple[int, list[int]]:
-        axis = self.axis % len(shape)
-        split = list(shape[:axis]) + [shape[axis] // self.stride, self.stride]
-        return axis, split + list(shape[axis + 1 :])
-
     def group_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         axis = self.axis % len(shape)
-        return tuple(shape[:axis]) + (self.stride,) + tuple(shape[axis + 1 :])
+        return (*shape[:axis], self.stride, *shape[axis + 1 :])
 
     def group_scores(self, scores: jax.Array, reduce: Reduce = "l1") -> jax.Array:
-        axis, split = self._split(scores.shape)
+        axis = self.axis % scores.ndim
+        split = _split_axis(scores.shape, axis, self.stride)
         return _reduce(scores.reshape(split), (axis,), reduce)
 
     def expand(self, group_mask: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-        axis, split = self._split(shape)
-        wide = jnp.expand_dims(group_mask, axis)
-        return jnp.broadcast_to(wide, split).reshape(shape)
+        axis = self.axis % len(shape)
+        return _regroup(group_mask, shape, axis, self.stride, axis)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,27 +237,23 @@ class NM:
 
     def group_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         axis = self.axis % len(shape)
-        return tuple(shape[:axis]) + (shape[axis] // self.m,) + tuple(shape[axis + 1 :])
+        return (*shape[:axis], shape[axis] // self.m, *shape[axis + 1 :])
 
     def group_scores(self, scores: jax.Array, reduce: Reduce = "l1") -> jax.Array:
         axis = self.axis % scores.ndim
-        split = list(scores.shape[:axis]) + [scores.shape[axis] // self.m, self.m]
-        split += list(scores.shape[axis + 1 :])
+        split = _split_axis(scores.shape, axis, self.m)
         return _reduce(scores.reshape(split), (axis + 1,), reduce)
 
     def expand(self, group_mask: jax.Array, shape: tuple[int, ...]) -> jax.Array:
         axis = self.axis % len(shape)
-        split = list(shape[:axis]) + [shape[axis] // self.m, self.m]
-        split += list(shape[axis + 1 :])
-        wide = jnp.expand_dims(group_mask, axis + 1)
-        return jnp.broadcast_to(wide, split).reshape(shape)
+        return _regroup(group_mask, shape, axis, self.m, axis + 1)
 
     def keep(self, scores: jax.Array) -> jax.Array:
         """Element mask keeping the ``n`` highest scores of each group of ``m``."""
         axis = self.axis % scores.ndim
         keys = jnp.moveaxis(order_key(scores), axis, -1)
         moved = keys.shape
-        keys = keys.reshape(moved[:-1] + (moved[-1] // self.m, self.m))
+        keys = keys.reshape(_split_axis(moved, len(moved) - 1, self.m))
         ki, kj = keys[..., :, None], keys[..., None, :]
         earlier = jnp.arange(self.m)[None, :] < jnp.arange(self.m)[:, None]
         earlier = earlier.reshape((1,) * (keys.ndim - 1) + earlier.shape)

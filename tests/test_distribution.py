@@ -9,7 +9,12 @@ from trees import KINDS, make_tree
 import jaxsparse as js
 from jaxsparse import _tree
 
-SHAPES = {"conv1": (3, 3, 3, 16), "conv2": (3, 3, 16, 32), "fc1": (512, 128), "fc2": (128, 10)}
+SHAPES = {
+    "conv1": (3, 3, 3, 16),
+    "conv2": (3, 3, 16, 32),
+    "fc1": (512, 128),
+    "fc2": (128, 10),
+}
 
 
 def params_of(shapes=SHAPES):
@@ -18,7 +23,11 @@ def params_of(shapes=SHAPES):
 
 def allocation(dist, params, sparsity):
     tree = dist.allocate(params, sparsity)
-    return {_tree.path_str(p): float(s) for p, s in _tree.leaves_with_path(tree) if s is not None}
+    return {
+        _tree.path_str(p): float(s)
+        for p, s in _tree.leaves_with_path(tree)
+        if s is not None
+    }
 
 
 def pruned_counts(alloc, shapes):
@@ -87,9 +96,7 @@ def test_traced_allocation_agrees_with_concrete(dist, sparsity):
     params = params_of()
     traced = jax.jit(lambda s: dist.allocate(params, s))(jnp.float32(sparsity))
     concrete = allocation(dist, params, sparsity)
-    t_counts = {
-        k: round(float(s) * np.prod(SHAPES[k])) for k, s in traced.items()
-    }
+    t_counts = {k: round(float(s) * np.prod(SHAPES[k])) for k, s in traced.items()}
     c_counts = pruned_counts(concrete, SHAPES)
     assert sum(t_counts.values()) == sum(c_counts.values())
     for k in SHAPES:
@@ -118,7 +125,9 @@ def test_custom():
     hash(js.Custom({"fc": 0.1}))
     with pytest.raises(ValueError, match="pass sparsity=None"):
         js.Custom({"fc": 0.1}).allocate(params, 0.5)
-    with pytest.raises(ValueError, match=r"Custom: sparsity for 'fc' must be in \[0, 1\)"):
+    with pytest.raises(
+        ValueError, match=r"Custom: sparsity for 'fc' must be in \[0, 1\)"
+    ):
         js.Custom({"fc": 1.2})
 
 

@@ -58,8 +58,9 @@ def test_global_matches_reference(kind, dtype, sparsity):
     mask = jax.jit(js.global_mask)(scores, sparsity)
     leaves = [s for _, s in selected_leaves(scores)]
     total = sum(s.size for s in leaves)
-    expected = reference_pruned([np.asarray(s, np.float32) for s in leaves],
-                                round(sparsity * total))
+    expected = reference_pruned(
+        [np.asarray(s, np.float32) for s in leaves], round(sparsity * total)
+    )
     got = [~np.asarray(m) for _, m in selected_leaves(mask)]
     for g, e in zip(got, expected):
         np.testing.assert_array_equal(g, e)
@@ -87,7 +88,9 @@ def test_all_equal_scores_prune_exact_count_latest_first(n, sparsity):
 def test_ties_across_leaves_break_by_tree_order():
     scores = {"a": jnp.ones((2, 3)), "b": jnp.ones((2, 2))}
     mask = js.global_mask(scores, 0.5)
-    np.testing.assert_array_equal(np.asarray(mask["a"]), [[True] * 3, [True, True, False]])
+    np.testing.assert_array_equal(
+        np.asarray(mask["a"]), [[True] * 3, [True, True, False]]
+    )
     np.testing.assert_array_equal(np.asarray(mask["b"]), [[False] * 2] * 2)
 
 
@@ -111,8 +114,9 @@ def test_order_key_is_monotone():
 
 def test_float64_scores_are_not_merged_by_float32(x64):
     base = 1.0
-    scores = {"w": jnp.array([[base, base + 1e-12, base + 2e-12, base + 3e-12]],
-                             jnp.float64)}
+    scores = {
+        "w": jnp.array([[base, base + 1e-12, base + 2e-12, base + 3e-12]], jnp.float64)
+    }
     np.testing.assert_array_equal(
         np.asarray(js.layerwise_mask(scores, 0.5)["w"]), [[False, False, True, True]]
     )
@@ -197,7 +201,10 @@ def test_non_float_scores_raise_with_path():
 
 
 def test_global_min_density_guards_layers():
-    scores = {"small": jnp.full((4, 4), 0.01), "big": jnp.arange(1.0, 65.0).reshape(8, 8)}
+    scores = {
+        "small": jnp.full((4, 4), 0.01),
+        "big": jnp.arange(1.0, 65.0).reshape(8, 8),
+    }
     plain = js.global_mask(scores, 0.5)
     assert not np.asarray(plain["small"]).any()
     guarded = js.global_mask(scores, 0.5, min_density=0.25)
@@ -206,7 +213,9 @@ def test_global_min_density_guards_layers():
     assert total_kept == 80 - round(0.5 * 80)
     # The 4 guarded entries come out of the big leaf's share.
     assert np.asarray(guarded["big"]).sum() == 36
-    np.testing.assert_array_equal(np.asarray(guarded["big"]).ravel(), np.arange(64) >= 28)
+    np.testing.assert_array_equal(
+        np.asarray(guarded["big"]).ravel(), np.arange(64) >= 28
+    )
     with pytest.raises(ValueError, match="min_density"):
         js.global_mask(scores, 0.9, min_density=0.5)
     with pytest.raises(ValueError, match="min_density must be in"):
@@ -214,7 +223,10 @@ def test_global_min_density_guards_layers():
 
 
 def test_global_min_density_traced():
-    scores = {"small": jnp.full((4, 4), 0.01), "big": jnp.arange(1.0, 65.0).reshape(8, 8)}
+    scores = {
+        "small": jnp.full((4, 4), 0.01),
+        "big": jnp.arange(1.0, 65.0).reshape(8, 8),
+    }
     f = jax.jit(lambda s, sp: js.global_mask(s, sp, min_density=0.25))
     mask = f(scores, jnp.float32(0.5))
     assert np.asarray(mask["small"]).sum() == 4
@@ -227,7 +239,9 @@ def test_apply_mask_zeroes_and_keeps_dtype():
     out = js.apply_mask(params, mask)
     k = out["dense"]["kernel"]
     assert k.dtype == jnp.bfloat16
-    np.testing.assert_array_equal(np.asarray(k == 0), ~np.asarray(mask["dense"]["kernel"]))
+    np.testing.assert_array_equal(
+        np.asarray(k == 0), ~np.asarray(mask["dense"]["kernel"])
+    )
     np.testing.assert_array_equal(
         np.asarray(out["dense"]["bias"]), np.asarray(params["dense"]["bias"])
     )
@@ -265,7 +279,10 @@ def test_check_finite_names_leaf():
 
 
 def test_sparsity_report_and_scalar():
-    tree = {"w": jnp.array([[0.0, 1.0], [0.0, 2.0]]), "m": jnp.array([[True, False, False]])}
+    tree = {
+        "w": jnp.array([[0.0, 1.0], [0.0, 2.0]]),
+        "m": jnp.array([[True, False, False]]),
+    }
     report = js.sparsity_report(tree)
     assert [leaf.path for leaf in report.leaves] == ["m", "w"]
     assert report.nonzeros == 3 and report.size == 7

@@ -52,7 +52,9 @@ def test_snip_linear_regression_closed_form():
     def loss(p, x, y):
         return 0.5 * jnp.sum((x @ p["w"] + p["b"][None, :] - y) ** 2)
 
-    scores = js.saliency.snip(loss, params, jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32))
+    scores = js.saliency.snip(
+        loss, params, jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32)
+    )
     grad_w = x.T @ (x @ w + b - y)
     expected = np.abs(grad_w * w)
     expected /= expected.sum()

@@ -39,9 +39,13 @@ def check_groups(granularity, shape, group_of, sparsity, how="l1", dtype=jnp.flo
         groups.setdefault(group_of(idx), []).append(idx)
     keys = sorted(groups)
     assert len(keys) == num_groups(granularity, shape)
-    group_scores = np.array([reduce_np([values[i] for i in groups[k]], how) for k in keys])
+    group_scores = np.array(
+        [reduce_np([values[i] for i in groups[k]], how) for k in keys]
+    )
     gs = np.asarray(granularity.group_scores(s, how), np.float64).ravel()
-    np.testing.assert_allclose(gs, group_scores, rtol=1e-2 if dtype == jnp.bfloat16 else 1e-5)
+    np.testing.assert_allclose(
+        gs, group_scores, rtol=1e-2 if dtype == jnp.bfloat16 else 1e-5
+    )
     k = round(sparsity * len(keys))
     order = np.lexsort((-np.arange(len(keys)), gs))
     pruned_groups = set(order[:k].tolist())
@@ -73,16 +77,20 @@ def test_channel(shape, axis, dtype):
     check_groups(js.Channel(axis), shape, lambda idx: (idx[a],), 0.5, dtype=dtype)
 
 
-@pytest.mark.parametrize("shape,stride,axis", [((6, 4), 3, 0), ((4, 8), 2, -1), ((2, 3, 6), 3, -1)])
+@pytest.mark.parametrize(
+    "shape,stride,axis", [((6, 4), 3, 0), ((4, 8), 2, -1), ((2, 3, 6), 3, -1)]
+)
 def test_strided(shape, stride, axis):
     a = axis % len(shape)
 
     def group_of(idx):
-        return idx[:a] + (idx[a] % stride,) + idx[a + 1 :]
+        return (*idx[:a], idx[a] % stride, *idx[a + 1 :])
 
     check_groups(js.Strided(stride, axis), shape, group_of, 0.4)
     mask = np.asarray(
-        js.layerwise_mask({"w": scores_of(shape)}, 0.4, granularity=js.Strided(stride, axis))["w"]
+        js.layerwise_mask(
+            {"w": scores_of(shape)}, 0.4, granularity=js.Strided(stride, axis)
+        )["w"]
     )
     # A kept pattern is offsets plus the stride: every fibre along the axis
     # is periodic with period `stride`.
@@ -95,7 +103,11 @@ def test_strided(shape, stride, axis):
 def test_nm_keeps_top_n_of_every_m(n, m, shape, axis):
     s = np.array(scores_of(shape))
     s[tuple(0 for _ in shape)] = np.nan
-    mask = np.asarray(js.layerwise_mask({"w": jnp.asarray(s)}, None, granularity=js.NM(n, m, axis))["w"])
+    mask = np.asarray(
+        js.layerwise_mask({"w": jnp.asarray(s)}, None, granularity=js.NM(n, m, axis))[
+            "w"
+        ]
+    )
     a = axis % len(shape)
     ms, ss = np.moveaxis(mask, a, -1), np.moveaxis(s, a, -1)
     for idx in itertools.product(*map(range, ms.shape[:-1])):
@@ -109,7 +121,9 @@ def test_nm_keeps_top_n_of_every_m(n, m, shape, axis):
 
 
 def test_nm_ties_keep_earlier():
-    mask = js.layerwise_mask({"w": jnp.ones((2, 4))}, None, granularity=js.NM(2, 4))["w"]
+    mask = js.layerwise_mask({"w": jnp.ones((2, 4))}, None, granularity=js.NM(2, 4))[
+        "w"
+    ]
     np.testing.assert_array_equal(np.asarray(mask), [[True, True, False, False]] * 2)
 
 
@@ -123,22 +137,46 @@ def test_nm_rejects_other_sparsity():
 @pytest.mark.parametrize(
     "granularity,shape,message",
     [
-        (js.Block((2, 3)), (4, 4), "layer/w: shape (4, 4) is not divisible by Block(shape=(2, 3))"),
-        (js.Block((2, 2, 2)), (4, 4), "layer/w: shape (4, 4) is not divisible by Block(shape=(2, 2, 2))"),
-        (js.NM(2, 4), (4, 6), "layer/w: shape (4, 6) is not divisible by NM(n=2, m=4, axis=-1)"),
-        (js.Strided(4, 0), (6, 4), "layer/w: shape (6, 4) is not divisible by Strided(stride=4, axis=0)"),
+        (
+            js.Block((2, 3)),
+            (4, 4),
+            "layer/w: shape (4, 4) is not divisible by Block(shape=(2, 3))",
+        ),
+        (
+            js.Block((2, 2, 2)),
+            (4, 4),
+            "layer/w: shape (4, 4) is not divisible by Block(shape=(2, 2, 2))",
+        ),
+        (
+            js.NM(2, 4),
+            (4, 6),
+            "layer/w: shape (4, 6) is not divisible by NM(n=2, m=4, axis=-1)",
+        ),
+        (
+            js.Strided(4, 0),
+            (6, 4),
+            "layer/w: shape (6, 4) is not divisible by Strided(stride=4, axis=0)",
+        ),
         (js.Channel(2), (4, 4), "layer/w: axis 2 is out of range for shape (4, 4)"),
     ],
 )
 def test_shape_not_divisible_names_leaf(granularity, shape, message):
     with pytest.raises(ValueError, match=re.escape(message)):
-        js.layerwise_mask({"layer": {"w": jnp.ones(shape)}}, 0.5, granularity=granularity)
+        js.layerwise_mask(
+            {"layer": {"w": jnp.ones(shape)}}, 0.5, granularity=granularity
+        )
 
 
 @pytest.mark.parametrize(
     "make",
-    [lambda: js.Block((0, 2)), lambda: js.Block(()), lambda: js.NM(3, 2), lambda: js.NM(0, 4),
-     lambda: js.Strided(0), lambda: js.Block((2.0,))],
+    [
+        lambda: js.Block((0, 2)),
+        lambda: js.Block(()),
+        lambda: js.NM(3, 2),
+        lambda: js.NM(0, 4),
+        lambda: js.Strided(0),
+        lambda: js.Block((2.0,)),
+    ],
 )
 def test_bad_patterns_raise(make):
     with pytest.raises(ValueError):
@@ -149,12 +187,20 @@ def test_unknown_granularity_and_reduce():
     with pytest.raises(TypeError, match="granularity must be"):
         js.layerwise_mask({"w": jnp.ones((2, 2))}, 0.5, granularity="block")
     with pytest.raises(ValueError, match="reduce must be one of"):
-        js.layerwise_mask({"w": jnp.ones((2, 2))}, 0.5, granularity=js.Channel(), reduce="max")
+        js.layerwise_mask(
+            {"w": jnp.ones((2, 2))}, 0.5, granularity=js.Channel(), reduce="max"
+        )
 
 
 def test_granularities_are_hashable_static_args():
     select = jax.jit(js.layerwise_mask, static_argnames="granularity")
-    for g in [js.Element(), js.Block((2, 2)), js.Channel(-1), js.Strided(2), js.NM(2, 4, 0)]:
+    for g in [
+        js.Element(),
+        js.Block((2, 2)),
+        js.Channel(-1),
+        js.Strided(2),
+        js.NM(2, 4, 0),
+    ]:
         assert hash(g) == hash(type(g)(**g.__dict__))
         sp = None if isinstance(g, js.NM) else jnp.float32(0.5)
         mask = select({"w": scores_of((4, 4))}, sp, granularity=g)

@@ -29,11 +29,19 @@ def make_tree(kind: str, dtype=jnp.float32, seed: int = 0):
     if kind == "namedtuple":
         return (Layer(a, b), Layer(c, d))
     if kind == "linen":
-        return {"params": {"Dense_0": {"kernel": a, "bias": b},
-                           "Conv_0": {"kernel": c, "bias": d}}}
+        return {
+            "params": {
+                "Dense_0": {"kernel": a, "bias": b},
+                "Conv_0": {"kernel": c, "bias": d},
+            }
+        }
     if kind == "nnx":
-        state = nnx.State({"dense": {"kernel": nnx.Param(a), "bias": nnx.Param(b)},
-                           "conv": {"kernel": nnx.Param(c), "bias": nnx.Param(d)}})
+        state = nnx.State(
+            {
+                "dense": {"kernel": nnx.Param(a), "bias": nnx.Param(b)},
+                "conv": {"kernel": nnx.Param(c), "bias": nnx.Param(d)},
+            }
+        )
         return state
     raise ValueError(kind)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import time
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -73,7 +74,7 @@ class Row(NamedTuple):
 def init_mlp(key: jax.Array, sizes: Sequence[int]) -> Params:
     """He-initialized dense layers ``{"dense_i": {"kernel", "bias"}}``."""
     params = {}
-    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+    for i, (fan_in, fan_out) in enumerate(itertools.pairwise(sizes)):
         w = jax.random.normal(jax.random.fold_in(key, i), (fan_in, fan_out))
         params[f"dense_{i}"] = {
             "kernel": w * jnp.sqrt(2.0 / fan_in),
@@ -155,7 +156,11 @@ def run(config: Config) -> list[Row]:
     opt_state = optimizer.init(params)
     for e in range(config.epochs):
         params, opt_state = epoch(
-            params, opt_state, dense, split.x_train, split.y_train,
+            params,
+            opt_state,
+            dense,
+            split.x_train,
+            split.y_train,
             jax.random.fold_in(key, 1000 + e),
         )
     grads = jax.grad(loss_fn)(params, split.x_train, split.y_train)
@@ -169,7 +174,11 @@ def run(config: Config) -> list[Row]:
             state = optimizer.init(pruned)
             for e in range(config.finetune_epochs):
                 pruned, state = epoch(
-                    pruned, state, mask, split.x_train, split.y_train,
+                    pruned,
+                    state,
+                    mask,
+                    split.x_train,
+                    split.y_train,
                     jax.random.fold_in(key, 3000 + e),
                 )
             report = js.sparsity_report(pruned)
@@ -216,7 +225,9 @@ def _parser() -> argparse.ArgumentParser:
         "--sparsities", type=float, nargs="+", default=list(defaults.sparsities)
     )
     p.add_argument(
-        "--criteria", nargs="+", choices=sorted(CRITERIA),
+        "--criteria",
+        nargs="+",
+        choices=sorted(CRITERIA),
         default=list(defaults.criteria),
     )
     p.add_argument(
