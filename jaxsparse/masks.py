@@ -422,22 +422,24 @@ class SparsityReport(NamedTuple):
         return 1.0 - self.nonzeros / self.size if self.size else 0.0
 
     def __str__(self) -> str:
+        header = ("path", "shape", "size", "non-zeros", "sparsity")
         rows = [
             (leaf.path, str(leaf.shape), leaf.size, leaf.nonzeros, leaf.sparsity)
             for leaf in self.leaves
         ]
         rows.append(("total", "", self.size, self.nonzeros, self.sparsity))
-        width = max([len("path")] + [len(r[0]) for r in rows])
-        swidth = max([len("shape")] + [len(r[1]) for r in rows])
-        lines = [
-            f"{'path':<{width}}  {'shape':<{swidth}}  {'size':>10}  "
-            f"{'non-zeros':>10}  {'sparsity':>8}"
+        cells = [header] + [
+            (path, shape, str(size), str(nnz), f"{sp:.2%}")
+            for path, shape, size, nnz, sp in rows
         ]
-        for path, shape, size, nnz, sp in rows:
-            lines.append(
-                f"{path:<{width}}  {shape:<{swidth}}  {size:>10}  {nnz:>10}  {sp:>8.2%}"
-            )
-        return "\n".join(lines)
+        widths = [max(len(row[c]) for row in cells) for c in range(len(header))]
+        return "\n".join(
+            "  ".join(
+                cell.ljust(w) if c < 2 else cell.rjust(w)
+                for c, (cell, w) in enumerate(zip(row, widths))
+            ).rstrip()
+            for row in cells
+        )
 
 
 def sparsity_report(tree: Any, *, include: LeafSelector = None) -> SparsityReport:
@@ -448,9 +450,9 @@ def sparsity_report(tree: Any, *, include: LeafSelector = None) -> SparsityRepor
     Example:
       >>> import jax.numpy as jnp, jaxsparse as js
       >>> print(js.sparsity_report({"w": jnp.array([[0.0, 1.0], [0.0, 2.0]])}))
-      path   shape   size   non-zeros  sparsity
-      w      (2, 2)        4           2    50.00%
-      total                4           2    50.00%
+      path   shape   size  non-zeros  sparsity
+      w      (2, 2)     4          2    50.00%
+      total             4          2    50.00%
     """
     leaves = []
     for path, leaf in _tree.selected(tree, include):

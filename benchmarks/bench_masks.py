@@ -1,0 +1,150 @@
+"""Mask selection cost, measured side by side in one run.
+
+1. Recomputing a 90 % magnitude mask for an MLP 784-300-100-10 against one
+   dense training step of that MLP (batch 128, Adam), and against selection
+   by argsort (what a sort-based pruning library does).
+2. Global selection over 10^8 scores (four leaves of 2.5e7), against a
+   full sort of the same scores.
+
+Run: python benchmarks/bench_masks.py [--large-repeats N] [--skip-large]
+Timings interleave the contenders round by round so drift hits all alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import jaxsparse as js
+
+
+def mlp_params(key, sizes=(784, 300, 100, 10)):
+    params = {}
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        w = jax.random.normal(jax.random.fold_in(key, i), (a, b)) / jnp.sqrt(a)
+        params[f"dense_{i}"] = {"kernel": w, "bias": jnp.zeros((b,))}
+    return params
+
+
+def loss_fn(params, x, y):
+    for i in range(3):
+        layer = params[f"dense_{i}"]
+        x = x @ layer["kernel"] + layer["bias"][None, :]
+        if i < 2:
+            x = jax.nn.relu(x)
+    return optax.softmax_cross_entropy_with_integer_labels(x, y).mean()
+
+
+def argsort_mask(params, sparsity):
+    """Layer-wise selection by sorting every leaf's scores."""
+    out = {}
+    for name, layer in params.items():
+        scores = jnp.abs(layer["kernel"]).ravel()
+        k = round(sparsity * scores.size)
+        order = jnp.argsort(scores)
+        keep = jnp.ones(scores.size, bool).at[order[:k]].set(False)
+        out[name] = keep.reshape(layer["kernel"].shape)
+    return out
+
+
+def interleaved(fns: dict, repeats: int) -> dict[str, float]:
+    """Median wall time in ms of each zero-arg callable, round-robin."""
+    for f in fns.values():
+        jax.block_until_ready(f())
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, f in fns.items():
+            start = time.perf_counter()
+            jax.block_until_ready(f())
+            times[name].append(time.perf_counter() - start)
+    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
+
+
+def bench_mlp(repeats: int) -> None:
+    key = jax.random.PRNGKey(0)
+    params = mlp_params(key)
+    opt = optax.adam(1e-3)
+    state = opt.init(params)
+    x = jax.random.normal(key, (128, 784))
+    y = jax.random.randint(key, (128,), 0, 10)
+
+    @jax.jit
+    def train_step(p, s):
+        g = jax.grad(loss_fn)(p, x, y)
+        u, s = opt.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    layerwise = jax.jit(lambda p, sp: js.layerwise_mask(js.saliency.magnitude(p), sp))
+    global_ = jax.jit(lambda p, sp: js.global_mask(js.saliency.magnitude(p), sp))
+    by_sort = jax.jit(lambda p: argsort_mask(p, 0.9))
+    sp = jnp.float32(0.9)
+    med = interleaved(
+        {
+            "train step": lambda: train_step(params, state),
+            "layer-wise mask (jaxsparse)": lambda: layerwise(params, sp),
+            "global mask (jaxsparse)": lambda: global_(params, sp),
+            "layer-wise mask (argsort)": lambda: by_sort(params),
+        },
+        repeats,
+    )
+    step = med["train step"]
+    print(f"MLP 784-300-100-10, 90% magnitude mask, median of {repeats}:")
+    for name, ms in med.items():
+        print(f"  {name:<30} {ms:8.3f} ms   {ms / step:6.2f} train steps")
+
+
+def bench_large(repeats: int) -> None:
+    n_leaf = 25_000_000
+    key = jax.random.PRNGKey(1)
+    scores = {
+        f"leaf_{i}": jax.random.normal(
+            jax.random.fold_in(key, i), (5000, n_leaf // 5000)
+        )
+        for i in range(4)
+    }
+    select = jax.jit(lambda s, sp: js.global_mask(s, sp))
+    sort_all = jax.jit(
+        lambda s: jnp.sort(jnp.concatenate([v.ravel() for v in s.values()]))
+    )
+    sp = jnp.float32(0.9)
+    med = interleaved(
+        {
+            "global mask (jaxsparse)": lambda: select(scores, sp),
+            "full sort (jnp.sort)": lambda: sort_all(scores),
+        },
+        repeats,
+    )
+    mask = select(scores, sp)
+    kept = sum(int(jnp.sum(m)) for m in mask.values())
+    assert kept == 10**8 - 90_000_000, kept
+    print(f"Global selection over 1e8 scores (4 x 2.5e7), median of {repeats}:")
+    for name, ms in med.items():
+        print(f"  {name:<30} {ms / 1e3:8.3f} s")
+    print(
+        f"  ratio sort / jaxsparse: {med['full sort (jnp.sort)'] / med['global mask (jaxsparse)']:.2f}"
+    )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--repeats", type=int, default=300)
+    p.add_argument("--large-repeats", type=int, default=5)
+    p.add_argument("--skip-large", action="store_true")
+    args = p.parse_args()
+    print(
+        f"jax {jax.__version__}, {jax.devices()[0].platform}, "
+        f"{platform.processor() or platform.machine()}"
+    )
+    bench_mlp(args.repeats)
+    if not args.skip_large:
+        bench_large(args.large_repeats)
+
+
+if __name__ == "__main__":
+    main()
