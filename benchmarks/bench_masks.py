@@ -22,23 +22,7 @@ import jax.numpy as jnp
 import optax
 
 import jaxsparse as js
-
-
-def mlp_params(key, sizes=(784, 300, 100, 10)):
-    params = {}
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-        w = jax.random.normal(jax.random.fold_in(key, i), (a, b)) / jnp.sqrt(a)
-        params[f"dense_{i}"] = {"kernel": w, "bias": jnp.zeros((b,))}
-    return params
-
-
-def loss_fn(params, x, y):
-    for i in range(3):
-        layer = params[f"dense_{i}"]
-        x = x @ layer["kernel"] + layer["bias"][None, :]
-        if i < 2:
-            x = jax.nn.relu(x)
-    return optax.softmax_cross_entropy_with_integer_labels(x, y).mean()
+from jaxsparse.experiments.runner import init_mlp, loss_fn
 
 
 def argsort_mask(params, sparsity):
@@ -68,7 +52,7 @@ def interleaved(fns: dict, repeats: int) -> dict[str, float]:
 
 def bench_mlp(repeats: int) -> None:
     key = jax.random.PRNGKey(0)
-    params = mlp_params(key)
+    params = init_mlp(key, (784, 300, 100, 10))
     opt = optax.adam(1e-3)
     state = opt.init(params)
     x = jax.random.normal(key, (128, 784))
@@ -126,9 +110,8 @@ def bench_large(repeats: int) -> None:
     print(f"Global selection over 1e8 scores (4 x 2.5e7), median of {repeats}:")
     for name, ms in med.items():
         print(f"  {name:<30} {ms / 1e3:8.3f} s")
-    print(
-        f"  ratio sort / jaxsparse: {med['full sort (jnp.sort)'] / med['global mask (jaxsparse)']:.2f}"
-    )
+    ratio = med["full sort (jnp.sort)"] / med["global mask (jaxsparse)"]
+    print(f"  ratio sort / jaxsparse: {ratio:.2f}")
 
 
 def main() -> None:

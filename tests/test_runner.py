@@ -1,12 +1,24 @@
 """Tests for the experiment runner (python -m jaxsparse)."""
 
+import re
+
+import jax
 import pytest
 
 from jaxsparse.experiments import runner
 
+
+@pytest.fixture(autouse=True)
+def standard_promotion():
+    """optax's Adam mixes Python floats with its int32 step count, which the
+    suite's strict promotion rejects; the runner is tested as users run it."""
+    with jax.numpy_dtype_promotion("standard"):
+        yield
+
+
 SMALL = runner.Config(
     hidden=(32,),
-    epochs=3,
+    epochs=8,
     finetune_epochs=1,
     sparsities=(0.0, 0.5, 0.9),
     criteria=("magnitude", "taylor"),
@@ -44,7 +56,7 @@ def test_main_prints_table(capsys):
     )
     out = capsys.readouterr().out
     assert "erk distribution, seed 0" in out
-    assert "magnitude       50%    50.00%" in out
+    assert re.search(r"magnitude\s+50%\s+50\.00%\s+592/1184\s", out)
 
 
 @pytest.mark.parametrize(

@@ -88,7 +88,7 @@ def mlp(params: Params, x: jax.Array) -> jax.Array:
     n = len(params)
     for i in range(n):
         layer = params[f"dense_{i}"]
-        x = x @ layer["kernel"] + layer["bias"]
+        x = x @ layer["kernel"] + layer["bias"][None, :]
         if i < n - 1:
             x = jax.nn.relu(x)
     return x
