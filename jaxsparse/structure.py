@@ -68,13 +68,44 @@ def _split_axis(shape: tuple[int, ...], axis: int, inner: int) -> tuple[int, ...
     return (*shape[:axis], shape[axis] // inner, inner, *shape[axis + 1 :])
 
 
-def _regroup(
-    group_mask: jax.Array, shape: tuple[int, ...], axis: int, inner: int, reduced: int
-) -> jax.Array:
-    """Inverse of reducing axis ``reduced`` of ``_split_axis(shape, axis, inner)``."""
-    split = _split_axis(tuple(shape), axis, inner)
-    wide = jnp.expand_dims(group_mask, reduced)
-    return jnp.broadcast_to(wide, split).reshape(shape)
+class _SplitAxis:
+    """Groups made by splitting ``axis`` into ``(outer, inner)`` and reducing
+    one of the two: the inner part (runs of consecutive entries, as N:M) or
+    the outer part (entries with the same residue, as strides)."""
+
+    axis: int
+    _reduce_inner: bool
+
+    @property
+    def _inner(self) -> int:
+        raise NotImplementedError
+
+    def _reduced(self, axis: int) -> int:
+        return axis + 1 if self._reduce_inner else axis
+
+    def check(self, shape: tuple[int, ...], path: str) -> None:
+        axis = _axis(self.axis, shape, path, self)
+        if shape[axis] % self._inner:
+            raise ValueError(
+                f"{path}: shape {tuple(shape)} is not divisible by {self} "
+                f"along axis {self.axis}"
+            )
+
+    def group_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        axis = self.axis % len(shape)
+        split = _split_axis(tuple(shape), axis, self._inner)
+        return split[: self._reduced(axis)] + split[self._reduced(axis) + 1 :]
+
+    def group_scores(self, scores: jax.Array, reduce: Reduce = "l1") -> jax.Array:
+        axis = self.axis % scores.ndim
+        split = _split_axis(scores.shape, axis, self._inner)
+        return _reduce(scores.reshape(split), (self._reduced(axis),), reduce)
+
+    def expand(self, group_mask: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+        axis = self.axis % len(shape)
+        split = _split_axis(tuple(shape), axis, self._inner)
+        wide = jnp.expand_dims(group_mask, self._reduced(axis))
+        return jnp.broadcast_to(wide, split).reshape(shape)
 
 
 def _positive_int(value: object, name: str, owner: str) -> None:
@@ -169,7 +200,7 @@ class Channel:
 
 
 @dataclasses.dataclass(frozen=True)
-class Strided:
+class Strided(_SplitAxis):
     """Entries along ``axis`` whose index has the same residue modulo
     ``stride``, separately for every position of the other axes.
 
@@ -183,30 +214,15 @@ class Strided:
     def __post_init__(self):
         _positive_int(self.stride, "stride", f"Strided(stride={self.stride!r})")
 
-    def check(self, shape: tuple[int, ...], path: str) -> None:
-        axis = _axis(self.axis, shape, path, self)
-        if shape[axis] % self.stride:
-            raise ValueError(
-                f"{path}: shape {tuple(shape)} is not divisible by {self} "
-                f"along axis {self.axis}"
-            )
+    _reduce_inner = False
 
-    def group_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
-        axis = self.axis % len(shape)
-        return (*shape[:axis], self.stride, *shape[axis + 1 :])
-
-    def group_scores(self, scores: jax.Array, reduce: Reduce = "l1") -> jax.Array:
-        axis = self.axis % scores.ndim
-        split = _split_axis(scores.shape, axis, self.stride)
-        return _reduce(scores.reshape(split), (axis,), reduce)
-
-    def expand(self, group_mask: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-        axis = self.axis % len(shape)
-        return _regroup(group_mask, shape, axis, self.stride, axis)
+    @property
+    def _inner(self) -> int:
+        return self.stride
 
 
 @dataclasses.dataclass(frozen=True)
-class NM:
+class NM(_SplitAxis):
     """Keep exactly ``n`` of every ``m`` consecutive entries along ``axis``.
 
     The sparsity is fixed at ``1 - n / m``. Within a group the higher scores
@@ -227,26 +243,11 @@ class NM:
     def sparsity(self) -> float:
         return 1.0 - self.n / self.m
 
-    def check(self, shape: tuple[int, ...], path: str) -> None:
-        axis = _axis(self.axis, shape, path, self)
-        if shape[axis] % self.m:
-            raise ValueError(
-                f"{path}: shape {tuple(shape)} is not divisible by {self} "
-                f"along axis {self.axis}"
-            )
+    _reduce_inner = True
 
-    def group_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
-        axis = self.axis % len(shape)
-        return (*shape[:axis], shape[axis] // self.m, *shape[axis + 1 :])
-
-    def group_scores(self, scores: jax.Array, reduce: Reduce = "l1") -> jax.Array:
-        axis = self.axis % scores.ndim
-        split = _split_axis(scores.shape, axis, self.m)
-        return _reduce(scores.reshape(split), (axis + 1,), reduce)
-
-    def expand(self, group_mask: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-        axis = self.axis % len(shape)
-        return _regroup(group_mask, shape, axis, self.m, axis + 1)
+    @property
+    def _inner(self) -> int:
+        return self.m
 
     def keep(self, scores: jax.Array) -> jax.Array:
         """Element mask keeping the ``n`` highest scores of each group of ``m``."""

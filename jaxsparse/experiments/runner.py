@@ -26,7 +26,7 @@ import optax
 
 import jaxsparse as js
 from jaxsparse import data
-from jaxsparse._types import Mask, Params, Scores
+from jaxsparse._types import Params, Scores
 
 Criterion = Callable[[Params, Params, jax.Array], Scores]
 """``criterion(params, grads, key) -> scores``; grads are of the training loss
@@ -99,10 +99,6 @@ def loss_fn(params: Params, x: jax.Array, y: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(mlp(params, x), y).mean()
 
 
-def _masked(tree: Params, mask: Mask) -> Params:
-    return js.apply_mask(tree, mask)
-
-
 def make_epoch(optimizer: optax.GradientTransformation, batch_size: int):
     """A jitted epoch: shuffled mini-batches, gradients and params masked."""
 
@@ -117,9 +113,9 @@ def make_epoch(optimizer: optax.GradientTransformation, batch_size: int):
 
         def step(carry, batch):
             params, opt_state = carry
-            grads = _masked(jax.grad(loss_fn)(params, *batch), mask)
+            grads = js.apply_mask(jax.grad(loss_fn)(params, *batch), mask)
             updates, opt_state = optimizer.update(grads, opt_state, params)
-            params = _masked(optax.apply_updates(params, updates), mask)
+            params = js.apply_mask(optax.apply_updates(params, updates), mask)
             return (params, opt_state), None
 
         (params, opt_state), _ = jax.lax.scan(step, (params, opt_state), batches)
@@ -152,17 +148,17 @@ def run(config: Config) -> list[Row]:
     params = init_mlp(jax.random.fold_in(key, 0), sizes)
     optimizer = optax.adam(config.learning_rate)
     epoch = make_epoch(optimizer, config.batch_size)
-    dense = js.dense_mask(params)
-    opt_state = optimizer.init(params)
-    for e in range(config.epochs):
-        params, opt_state = epoch(
-            params,
-            opt_state,
-            dense,
-            split.x_train,
-            split.y_train,
-            jax.random.fold_in(key, 1000 + e),
-        )
+
+    def train(params, mask, epochs, stream):
+        opt_state = optimizer.init(params)
+        for e in range(epochs):
+            batch_key = jax.random.fold_in(key, stream + e)
+            params, opt_state = epoch(
+                params, opt_state, mask, split.x_train, split.y_train, batch_key
+            )
+        return params
+
+    params = train(params, js.dense_mask(params), config.epochs, 1000)
     grads = jax.grad(loss_fn)(params, split.x_train, split.y_train)
     distribution = DISTRIBUTIONS[config.distribution]
     rows = []
@@ -170,17 +166,9 @@ def run(config: Config) -> list[Row]:
         scores = CRITERIA[name](params, grads, jax.random.fold_in(key, 2000 + c))
         for target in config.sparsities:
             mask = js.topk_mask(scores, target, distribution=distribution)
-            pruned = _masked(params, mask)
-            state = optimizer.init(pruned)
-            for e in range(config.finetune_epochs):
-                pruned, state = epoch(
-                    pruned,
-                    state,
-                    mask,
-                    split.x_train,
-                    split.y_train,
-                    jax.random.fold_in(key, 3000 + e),
-                )
+            pruned = train(
+                js.apply_mask(params, mask), mask, config.finetune_epochs, 3000
+            )
             report = js.sparsity_report(pruned)
             rows.append(
                 Row(
