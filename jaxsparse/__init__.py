@@ -8,7 +8,9 @@ used are re-exported here.
 from jaxsparse import distribution as distribution
 from jaxsparse import masks as masks
 from jaxsparse import saliency as saliency
+from jaxsparse import schedules as schedules
 from jaxsparse import structure as structure
+from jaxsparse import transforms as transforms
 from jaxsparse._types import KeyPath as KeyPath
 from jaxsparse._types import LeafSelector as LeafSelector
 from jaxsparse._types import Mask as Mask
@@ -37,6 +39,15 @@ from jaxsparse.structure import Channel as Channel
 from jaxsparse.structure import Element as Element
 from jaxsparse.structure import Granularity as Granularity
 from jaxsparse.structure import Strided as Strided
+from jaxsparse.transforms import KeepMaskedState as KeepMaskedState
+from jaxsparse.transforms import PruneState as PruneState
+from jaxsparse.transforms import SparsifyState as SparsifyState
+from jaxsparse.transforms import dynamic_sparse as dynamic_sparse
+from jaxsparse.transforms import keep_masked as keep_masked
+from jaxsparse.transforms import prune as prune
+from jaxsparse.transforms import rigl as rigl
+from jaxsparse.transforms import sparse_evolutionary as sparse_evolutionary
+from jaxsparse.transforms import sparsify as sparsify
 
 __version__ = "0.1.0"
 
@@ -49,13 +60,16 @@ __all__ = (
     "Element",
     "Global",
     "Granularity",
+    "KeepMaskedState",
     "KeyPath",
     "LeafSelector",
     "LeafSparsity",
     "Mask",
     "NM",
     "Params",
+    "PruneState",
     "Scores",
+    "SparsifyState",
     "Sparsity",
     "SparsityReport",
     "SparsityTree",
@@ -65,12 +79,20 @@ __all__ = (
     "check_finite",
     "dense_mask",
     "distribution",
+    "dynamic_sparse",
     "global_mask",
+    "keep_masked",
     "layerwise_mask",
     "masks",
+    "prune",
+    "rigl",
     "saliency",
+    "schedules",
+    "sparse_evolutionary",
+    "sparsify",
     "sparsity",
     "sparsity_report",
     "structure",
     "topk_mask",
+    "transforms",
 )

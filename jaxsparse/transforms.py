@@ -1,0 +1,623 @@
+"""Sparsity as optax transforms: fixed masks, pruning schedules, dense and
+sparse phases, and dynamic sparse training (SET, RigL), all under ``jit``.
+
+Two forms:
+
+- **Chain form**, last in an ``optax.chain``: :func:`keep_masked` and
+  :func:`prune`. A pruned entry's update is ``-param``, so after
+  ``optax.apply_updates`` it is exactly 0 whatever came before it in the
+  chain (momentum, weight decay, clipping). A criterion in chain form sees
+  the *updates* arriving at the transform, not the raw gradients.
+- **Wrapper form**: :func:`sparsify`, :func:`rigl`,
+  :func:`sparse_evolutionary` and :func:`dynamic_sparse` wrap an inner
+  optimizer. They hand criteria the raw gradients, mask the gradients before
+  the inner optimizer and zero its per-parameter state (moments) wherever a
+  weight is pruned or regrown; a regrown weight starts at 0.
+
+Masks are recomputed inside ``lax.cond`` on the steps the schedule marks, so
+ordinary steps pay one ``where`` per leaf; the state's tree and dtypes never
+change, so a training step compiles once.
+
+A criterion is called with keyword arguments: ``params``, ``grads``,
+``key`` (``fold_in(key, count)``) and the extra arguments given to
+``update``; it takes those it names (all of them if it has ``**kwargs``).
+``jaxsparse.saliency.magnitude``, ``taylor`` and ``random`` fit as they are.
+
+References:
+  Hoefler et al. 2021, §2.4 (schedules) and §4 (dynamic sparsity);
+  Zhu & Gupta 2017; Jin et al. 2016; Han et al. 2017; Mocanu et al. 2018
+  (SET); Evci et al. 2020 (RigL).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax, tree_util
+
+from jaxsparse import _tree
+from jaxsparse._select import prune_lowest
+from jaxsparse._types import LeafSelector, Mask, Params, Scores
+from jaxsparse.distribution import Distribution, Uniform
+from jaxsparse.masks import dense_mask, topk_mask
+from jaxsparse.saliency import random as random_scores
+from jaxsparse.schedules import AdaptiveSchedule, Schedule, cosine_drop_fraction
+from jaxsparse.structure import Element, Granularity, Reduce
+
+Criterion = Callable[..., Scores]
+"""``criterion(params=..., grads=..., key=..., **extra) -> scores``, taking
+only the arguments it names."""
+
+_CRITERION_ARGS = ("params", "grads", "key")
+
+
+def _criterion_caller(criterion: Criterion, name: str):
+    if not callable(criterion):
+        raise TypeError(f"{name} must be callable, got {criterion!r}")
+    signature = inspect.signature(criterion)
+    takes_all = any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()
+    )
+    wanted = set(signature.parameters)
+
+    def call(**available):
+        if takes_all:
+            return criterion(**available)
+        return criterion(**{k: v for k, v in available.items() if k in wanted})
+
+    return call, "key" in wanted or takes_all
+
+
+def _key_array(key: Any, needed: bool, name: str) -> jax.Array:
+    if key is None:
+        if needed:
+            raise ValueError(f"{name} needs a PRNG key: pass key=jax.random.key(...)")
+        return jax.random.key_data(jax.random.key(0))
+    if isinstance(key, int):
+        return jax.random.key_data(jax.random.key(key))
+    if jnp.issubdtype(jnp.asarray(key).dtype, jax.dtypes.prng_key):
+        return jax.random.key_data(key)
+    return jnp.asarray(key, jnp.uint32)
+
+
+def _wrap_key(data: jax.Array) -> jax.Array:
+    return jax.random.wrap_key_data(data)
+
+
+def _need_params(params: Params | None, name: str) -> None:
+    if params is None:
+        raise ValueError(
+            f"{name} needs the params: call update(updates, state, params)"
+        )
+
+
+def _masked_updates(updates: Any, mask: Mask, params: Params) -> Any:
+    """Kept entries take the update, pruned ones ``-param`` (exact zero)."""
+    return tree_util.tree_map(
+        lambda m, u, p: (
+            u if m is None else jnp.where(m, u, jnp.negative(p).astype(u.dtype))
+        ),
+        mask,
+        updates,
+        params,
+        is_leaf=_tree.is_none,
+    )
+
+
+def _masked_grads(grads: Any, mask: Mask) -> Any:
+    return tree_util.tree_map(
+        lambda m, g: g if m is None else jnp.where(m, g, jnp.zeros((), g.dtype)),
+        mask,
+        grads,
+        is_leaf=_tree.is_none,
+    )
+
+
+def _fill_like(mask: Mask, template: Mask) -> Mask:
+    """``mask`` with an all-True leaf wherever ``template`` has one and
+    ``mask`` has ``None`` (a distribution that left a leaf dense)."""
+    return tree_util.tree_map(
+        lambda t, m: None if t is None else (jnp.ones_like(t) if m is None else m),
+        template,
+        mask,
+        is_leaf=_tree.is_none,
+    )
+
+
+class KeepMaskedState(NamedTuple):
+    """State of :func:`keep_masked`: the fixed mask."""
+
+    mask: Mask
+
+
+def keep_masked(mask: Mask) -> optax.GradientTransformation:
+    """Keep the entries that ``mask`` prunes exactly at zero.
+
+    Place it last in a chain: a pruned entry's update becomes ``-param``, so
+    after ``apply_updates`` the entry is exactly 0 and stays there.
+
+    Args:
+      mask: a mask pytree mirroring the params (``None`` for dense leaves).
+
+    Returns:
+      An ``optax.GradientTransformation`` whose state holds the mask.
+
+    Raises:
+      ValueError: at ``init`` if the mask does not mirror the params; at
+        ``update`` if called without params.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, jaxsparse as js
+      >>> params = {"w": jnp.array([[1.0, -2.0]])}
+      >>> mask = {"w": jnp.array([[True, False]])}
+      >>> tx = optax.chain(optax.sgd(0.1), js.keep_masked(mask))
+      >>> updates, _ = tx.update({"w": jnp.ones((1, 2))}, tx.init(params), params)
+      >>> optax.apply_updates(params, updates)["w"].tolist()
+      [[0.8999999761581421, 0.0]]
+
+    References:
+      Hoefler et al. 2021, §2.4.1 (fine-tuning with a fixed mask).
+    """
+
+    def init(params):
+        _tree.check_same_tree(params, mask, name="mask", ref_name="params")
+        return KeepMaskedState(mask)
+
+    def update(updates, state, params=None):
+        _need_params(params, "keep_masked")
+        return _masked_updates(updates, state.mask, params), state
+
+    return optax.GradientTransformation(init, update)
+
+
+class _MaskRule(NamedTuple):
+    """How a transform's mask starts and changes (shared by every form)."""
+
+    needs_key: bool
+    init_mask: Callable[[Params, jax.Array], Mask]
+    init_schedule: Callable[[], Any]
+    step: Callable[..., tuple[Mask, Any]]
+
+
+def _schedule_rule(
+    criterion: Criterion,
+    schedule: Schedule | AdaptiveSchedule,
+    granularity: Granularity,
+    distribution: Distribution,
+    include: LeafSelector,
+    reduce: Reduce,
+) -> _MaskRule:
+    call, needs_key = _criterion_caller(criterion, "criterion")
+    if not callable(schedule) and not isinstance(schedule, AdaptiveSchedule):
+        raise TypeError(f"schedule must be a schedule function, got {schedule!r}")
+    adaptive = isinstance(schedule, AdaptiveSchedule)
+
+    def init_mask(params, key):
+        del key
+        return dense_mask(params, include=include)
+
+    def init_schedule():
+        return schedule.init() if adaptive else ()
+
+    def step(count, mask, schedule_state, key, params, grads, extra):
+        if adaptive:
+            if "validation_loss" not in extra:
+                raise ValueError(
+                    "an adaptive schedule needs the validation loss: pass "
+                    "update(..., validation_loss=...)"
+                )
+            target, schedule_state = schedule.update(
+                count, schedule_state, extra["validation_loss"]
+            )
+        else:
+            target = schedule(count)
+
+        def recompute():
+            scores = call(
+                params=params, grads=grads, key=jax.random.fold_in(key, count), **extra
+            )
+            new = topk_mask(
+                scores,
+                target.sparsity,
+                distribution=distribution,
+                granularity=granularity,
+                include=include,
+                reduce=reduce,
+            )
+            return _fill_like(new, mask)
+
+        new = lax.cond(target.update, recompute, lambda: mask)
+        new = tree_util.tree_map(
+            lambda m: None if m is None else m | target.dense,
+            new,
+            is_leaf=_tree.is_none,
+        )
+        return new, schedule_state
+
+    return _MaskRule(needs_key, init_mask, init_schedule, step)
+
+
+class PruneState(NamedTuple):
+    """State of :func:`prune`."""
+
+    count: jax.Array
+    mask: Mask
+    key: jax.Array
+    schedule_state: Any
+
+
+def _chain_form(rule: _MaskRule, key: Any, name: str):
+    key_data = _key_array(key, rule.needs_key, name)
+
+    def init(params):
+        key_ = _wrap_key(key_data)
+        return PruneState(
+            jnp.zeros((), jnp.int32),
+            rule.init_mask(params, key_),
+            key_data,
+            rule.init_schedule(),
+        )
+
+    def update(updates, state, params=None, **extra):
+        _need_params(params, name)
+        mask, schedule_state = rule.step(
+            state.count,
+            state.mask,
+            state.schedule_state,
+            _wrap_key(state.key),
+            params,
+            updates,
+            extra,
+        )
+        return _masked_updates(updates, mask, params), PruneState(
+            optax.safe_increment(state.count), mask, state.key, schedule_state
+        )
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+def prune(
+    criterion: Criterion,
+    schedule: Schedule | AdaptiveSchedule,
+    *,
+    granularity: Granularity = Element(),
+    distribution: Distribution = Uniform(),
+    include: LeafSelector = None,
+    reduce: Reduce = "l1",
+    key: jax.Array | int | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """Prune on the steps ``schedule`` marks, keeping pruned weights at zero.
+
+    Chain form: put it last, ``optax.chain(optax.adam(1e-3), prune(...))``.
+    On an update step the mask is recomputed inside ``lax.cond`` from
+    ``criterion`` at the schedule's sparsity; in a dense phase every weight
+    is free. The criterion's ``grads`` are the updates arriving here (use
+    :func:`sparsify` for raw gradients).
+
+    Args:
+      criterion: scores from ``params``, ``grads``, ``key`` and extra args.
+      schedule: a function of the step count (see :mod:`jaxsparse.schedules`)
+        or an adaptive schedule.
+      granularity: which entries are pruned together.
+      distribution: how the sparsity is spread over leaves.
+      include: which leaves are pruned.
+      reduce: group reduction for structured granularities.
+      key: a PRNG key (or int seed) for criteria that take ``key``.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``; its state's ``mask``
+      is readable with ``optax.tree.get(state, "mask")``.
+
+    Raises:
+      ValueError: at ``update`` without params; at construction for a
+        criterion that takes ``key`` when no key is given.
+
+    References:
+      Hoefler et al. 2021, §2.4.2; Zhu & Gupta 2017.
+    """
+    rule = _schedule_rule(
+        criterion, schedule, granularity, distribution, include, reduce
+    )
+    return _chain_form(rule, key, "prune")
+
+
+class SparsifyState(NamedTuple):
+    """State of the wrapper-form transforms."""
+
+    count: jax.Array
+    mask: Mask
+    key: jax.Array
+    schedule_state: Any
+    inner_state: Any
+
+
+def _reset_moments(inner, inner_state, changed: Mask, params: Params):
+    """Zeroes every params-shaped leaf of the inner state where ``changed``."""
+    flags = tree_util.tree_map(
+        lambda c, p: jnp.zeros((), jnp.bool_) if c is None else c,
+        changed,
+        params,
+        is_leaf=_tree.is_none,
+    )
+    return optax.tree_utils.tree_map_params(
+        inner,
+        lambda leaf, flag: jnp.where(flag, jnp.zeros((), leaf.dtype), leaf),
+        inner_state,
+        flags,
+        transform_non_params=lambda x: x,
+    )
+
+
+def _wrapper_form(inner: optax.GradientTransformation, rule: _MaskRule, key, name):
+    if not isinstance(inner, optax.GradientTransformation):
+        raise TypeError(f"{name}: inner must be an optax GradientTransformation")
+    inner = optax.with_extra_args_support(inner)
+    key_data = _key_array(key, rule.needs_key, name)
+
+    def init(params):
+        return SparsifyState(
+            jnp.zeros((), jnp.int32),
+            rule.init_mask(params, _wrap_key(key_data)),
+            key_data,
+            rule.init_schedule(),
+            inner.init(params),
+        )
+
+    def update(grads, state, params=None, **extra):
+        _need_params(params, name)
+        mask, schedule_state = rule.step(
+            state.count,
+            state.mask,
+            state.schedule_state,
+            _wrap_key(state.key),
+            params,
+            grads,
+            extra,
+        )
+        changed = tree_util.tree_map(
+            lambda old, new: None if new is None else old != new,
+            state.mask,
+            mask,
+            is_leaf=_tree.is_none,
+        )
+        updates, inner_state = inner.update(
+            _masked_grads(grads, mask), state.inner_state, params, **extra
+        )
+        inner_state = _reset_moments(inner, inner_state, changed, params)
+        # Regrown weights start at 0: their first update is -param (= 0).
+        settled = tree_util.tree_map(
+            lambda m, c: None if m is None else m & ~c,
+            mask,
+            changed,
+            is_leaf=_tree.is_none,
+        )
+        return _masked_updates(updates, settled, params), SparsifyState(
+            optax.safe_increment(state.count),
+            mask,
+            state.key,
+            schedule_state,
+            inner_state,
+        )
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+def sparsify(
+    inner: optax.GradientTransformation,
+    criterion: Criterion,
+    schedule: Schedule | AdaptiveSchedule,
+    *,
+    granularity: Granularity = Element(),
+    distribution: Distribution = Uniform(),
+    include: LeafSelector = None,
+    reduce: Reduce = "l1",
+    key: jax.Array | int | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """Wrap ``inner`` so it trains a network pruned as ``schedule`` says.
+
+    The criterion sees the raw gradients; the gradients of pruned entries
+    are zeroed before ``inner``; wherever the mask changes (pruned or
+    regrown) every params-shaped leaf of ``inner``'s state (Adam's moments,
+    momentum) is zeroed, and the weight is set to 0.
+
+    Args:
+      inner: the optimizer to wrap (adam, sgd with momentum, lion, ...).
+      criterion, schedule, granularity, distribution, include, reduce, key:
+        as in :func:`prune`.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` with a
+      :class:`SparsifyState`.
+
+    References:
+      Hoefler et al. 2021, §2.4; Jin et al. 2016; Han et al. 2017.
+    """
+    rule = _schedule_rule(
+        criterion, schedule, granularity, distribution, include, reduce
+    )
+    return _wrapper_form(inner, rule, key, "sparsify")
+
+
+def _drop_and_grow_rule(
+    grow: Criterion,
+    sparsity: float,
+    every: int,
+    end: int,
+    drop_fraction: float,
+    distribution: Distribution,
+    include: LeafSelector,
+    init_criterion: Criterion,
+) -> _MaskRule:
+    _tree.check_sparsity(sparsity)
+    for value, label in ((every, "every"), (end, "end")):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{label} must be a positive int, got {value!r}")
+    fraction = cosine_drop_fraction(drop_fraction, end=end)
+    call_grow, _ = _criterion_caller(grow, "grow")
+    call_init, _ = _criterion_caller(init_criterion, "init_criterion")
+
+    def init_mask(params, key):
+        scores = call_init(params=params, key=key)
+        return _fill_like(
+            topk_mask(scores, sparsity, distribution=distribution, include=include),
+            dense_mask(params, include=include),
+        )
+
+    def step(count, mask, schedule_state, key, params, grads, extra):
+        def drop_and_grow():
+            masks, treedef = tree_util.tree_flatten(mask, is_leaf=_tree.is_none)
+            weights = treedef.flatten_up_to(params)
+            scores = treedef.flatten_up_to(
+                call_grow(
+                    params=params,
+                    grads=grads,
+                    key=jax.random.fold_in(key, count),
+                    **extra,
+                )
+            )
+            idx = [i for i, m in enumerate(masks) if m is not None]
+            frac = fraction(count)
+            # Each leaf drops and regrows the same number, so its sparsity
+            # never moves.
+            counts = [
+                jnp.round(
+                    frac * jnp.sum(masks[i], dtype=jnp.int32).astype(jnp.float32)
+                ).astype(jnp.int32)
+                for i in idx
+            ]
+            dropped = prune_lowest(
+                [[jnp.abs(weights[i])] for i in idx], counts, [[masks[i]] for i in idx]
+            )
+            after = [masks[i] & ~d[0] for i, d in zip(idx, dropped)]
+            grown = prune_lowest(
+                [[-scores[i].astype(jnp.float32)] for i in idx],
+                counts,
+                [[~a] for a in after],
+            )
+            out = list(masks)
+            for j, i in enumerate(idx):
+                out[i] = after[j] | grown[j][0]
+            return treedef.unflatten(out)
+
+        update_now = (count > 0) & (count % every == 0) & (count < end)
+        return lax.cond(update_now, drop_and_grow, lambda: mask), schedule_state
+
+    return _MaskRule(True, init_mask, lambda: (), step)
+
+
+def dynamic_sparse(
+    inner: optax.GradientTransformation,
+    grow: Criterion,
+    sparsity: float,
+    *,
+    every: int,
+    end: int,
+    key: jax.Array | int,
+    drop_fraction: float = 0.3,
+    distribution: Distribution = Uniform(),
+    include: LeafSelector = None,
+    init_criterion: Criterion = random_scores,
+) -> optax.GradientTransformationExtraArgs:
+    """Dynamic sparse training at constant sparsity: drop and grow.
+
+    The mask starts from ``init_criterion`` (random by default) at
+    ``sparsity``. Every ``every`` steps before ``end`` (not at step 0), each
+    leaf drops the fraction ``drop_fraction / 2 (1 + cos(pi t / end))`` of
+    its active weights with the smallest magnitude and grows as many where
+    ``grow`` scores highest among the inactive ones (a weight just dropped
+    may be regrown). Grown weights start at 0 with zeroed optimizer state.
+
+    Args:
+      inner: the optimizer to wrap.
+      grow: scores for growing, from ``params``, ``grads`` (raw, dense),
+        ``key`` and extra args.
+      sparsity: the constant sparsity, in ``[0, 1)``.
+      every: steps between mask updates (``Delta T``).
+      end: no updates from this step on (``T_end``).
+      key: PRNG key (or int seed) for the initial mask and random growth.
+      drop_fraction: the initial drop fraction (0.3 in RigL).
+      distribution: how ``sparsity`` is spread over leaves (RigL uses ERK).
+      include: which leaves are sparse.
+      init_criterion: scores for the initial mask.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` with a :class:`SparsifyState`.
+
+    References:
+      Evci et al. 2020, Alg. 1 and eq. 1; Mocanu et al. 2018;
+      Hoefler et al. 2021, §4.
+    """
+    rule = _drop_and_grow_rule(
+        grow, sparsity, every, end, drop_fraction, distribution, include, init_criterion
+    )
+    return _wrapper_form(inner, rule, key, "dynamic_sparse")
+
+
+def _gradient_magnitude(grads: Any) -> Scores:
+    return tree_util.tree_map(jnp.abs, grads)
+
+
+def rigl(
+    inner: optax.GradientTransformation,
+    sparsity: float,
+    *,
+    every: int,
+    end: int,
+    key: jax.Array | int,
+    drop_fraction: float = 0.3,
+    distribution: Distribution = Uniform(),
+    include: LeafSelector = None,
+) -> optax.GradientTransformationExtraArgs:
+    """RigL: drop the smallest magnitudes, grow where the dense gradient is
+    largest (see :func:`dynamic_sparse` for the arguments).
+
+    References:
+      Evci et al. 2020, "Rigging the Lottery: Making all tickets winners".
+    """
+    return dynamic_sparse(
+        inner,
+        _gradient_magnitude,
+        sparsity,
+        every=every,
+        end=end,
+        key=key,
+        drop_fraction=drop_fraction,
+        distribution=distribution,
+        include=include,
+    )
+
+
+def sparse_evolutionary(
+    inner: optax.GradientTransformation,
+    sparsity: float,
+    *,
+    every: int,
+    end: int,
+    key: jax.Array | int,
+    drop_fraction: float = 0.3,
+    distribution: Distribution = Uniform(),
+    include: LeafSelector = None,
+) -> optax.GradientTransformationExtraArgs:
+    """SET: drop the smallest magnitudes, grow at random (see
+    :func:`dynamic_sparse` for the arguments).
+
+    References:
+      Mocanu et al. 2018, "Scalable training of artificial neural networks
+      with adaptive sparse connectivity"; Hoefler et al. 2021, §4.
+    """
+    return dynamic_sparse(
+        inner,
+        random_scores,
+        sparsity,
+        every=every,
+        end=end,
+        key=key,
+        drop_fraction=drop_fraction,
+        distribution=distribution,
+        include=include,
+    )
