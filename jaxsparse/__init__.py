@@ -5,6 +5,7 @@ Public modules: :mod:`~jaxsparse.masks`, :mod:`~jaxsparse.structure`,
 used are re-exported here.
 """
 
+from jaxsparse import data as data
 from jaxsparse import distribution as distribution
 from jaxsparse import masks as masks
 from jaxsparse import saliency as saliency
@@ -77,6 +78,7 @@ __all__ = (
     "Uniform",
     "apply_mask",
     "check_finite",
+    "data",
     "dense_mask",
     "distribution",
     "dynamic_sparse",

@@ -1,0 +1,386 @@
+"""Tests for jaxsparse.transforms: exact zeros, exact sparsity, one
+compilation, moment resets, and clear errors."""
+
+import importlib.util
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxsparse as js
+from jaxsparse import schedules
+from jaxsparse.experiments.runner import init_mlp, loss_fn
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def standard_promotion():
+    """optax's optimizers mix Python floats with int32 counts, which strict
+    promotion rejects; transforms are tested inside real optax chains."""
+    with jax.numpy_dtype_promotion("standard"):
+        yield
+
+
+PARAMS = init_mlp(jax.random.key(0), (20, 30, 10))
+X = jax.random.normal(jax.random.key(1), (64, 20))
+Y = jnp.arange(64) % 10
+
+
+def base():
+    return optax.chain(
+        optax.clip_by_global_norm(1.0), optax.adamw(1e-2, weight_decay=1e-2)
+    )
+
+
+def run(tx, steps, params=PARAMS, on_step=None, **extra):
+    """Trains with one jitted step; returns params, state and trace count."""
+    traces = []
+
+    @jax.jit
+    def step(params, state):
+        traces.append(1)
+        grads = jax.grad(loss_fn)(params, X, Y)
+        updates, state = tx.update(grads, state, params, **extra)
+        return optax.apply_updates(params, updates), state
+
+    state = tx.init(params)
+    for t in range(steps):
+        params, state = step(params, state)
+        if on_step is not None:
+            on_step(t, params, state)
+    return params, state, len(traces)
+
+
+def kernels(tree):
+    return [tree["dense_0"]["kernel"], tree["dense_1"]["kernel"]]
+
+
+def assert_pruned_exactly_zero(params, mask):
+    for p, m in zip(kernels(params), kernels(mask)):
+        m = np.asarray(m)
+        assert np.all(np.asarray(p)[~m] == 0.0)
+
+
+FIXED = js.layerwise_mask(js.saliency.random(PARAMS, jax.random.key(5)), 0.7)
+
+TRANSFORMS = {
+    "keep_masked": lambda: optax.chain(base(), js.keep_masked(FIXED)),
+    "prune-polynomial": lambda: optax.chain(
+        base(),
+        js.prune(
+            js.saliency.magnitude,
+            schedules.polynomial(0.0, 0.9, begin=10, end=200, every=10),
+        ),
+    ),
+    "prune-iterative-global": lambda: optax.chain(
+        base(),
+        js.prune(
+            js.saliency.magnitude,
+            schedules.iterative([(50, 0.5), (150, 0.8)]),
+            distribution=js.Global(),
+        ),
+    ),
+    "prune-iht": lambda: optax.chain(
+        base(),
+        js.prune(
+            js.saliency.magnitude,
+            schedules.iht(0.8, sparse_steps=50, dense_steps=30, cycles=2),
+        ),
+    ),
+    "prune-static-random": lambda: optax.chain(
+        base(), js.prune(js.saliency.random, schedules.constant(0.6), key=3)
+    ),
+    "prune-channels": lambda: optax.chain(
+        base(),
+        js.prune(
+            js.saliency.magnitude,
+            schedules.constant(0.5, at=20),
+            granularity=js.Channel(-1),
+        ),
+    ),
+    "sparsify-taylor": lambda: js.sparsify(
+        base(), js.saliency.taylor, schedules.iterative([(0, 0.5), (100, 0.8)])
+    ),
+    "rigl": lambda: js.rigl(base(), 0.9, every=20, end=250, key=0),
+    "set": lambda: js.sparse_evolutionary(base(), 0.9, every=20, end=250, key=1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TRANSFORMS))
+def test_300_steps_pruned_weights_exactly_zero_and_one_compilation(name):
+    params, state, traces = run(TRANSFORMS[name](), 300)
+    mask = optax.tree.get(state, "mask")
+    assert_pruned_exactly_zero(params, mask)
+    assert mask["dense_0"]["bias"] is None
+    assert traces == 1
+    assert float(js.sparsity(mask)) > 0.4
+
+
+def test_sparsity_after_each_milestone_is_exact():
+    milestones = [(10, 0.3), (40, 0.6), (80, 0.85)]
+    tx = optax.chain(
+        base(), js.prune(js.saliency.magnitude, schedules.iterative(milestones))
+    )
+    seen = {}
+
+    def record(t, params, state):
+        seen[t] = optax.tree.get(state, "mask")
+
+    run(tx, 100, on_step=record)
+    for step, target in milestones:
+        for t in (step, step + 5):
+            for m in kernels(seen[t]):
+                assert int((~np.asarray(m)).sum()) == round(target * m.size), (
+                    t,
+                    m.shape,
+                )
+    assert float(js.sparsity(seen[9])) == 0.0
+
+
+def test_global_distribution_is_exact_overall():
+    tx = optax.chain(
+        base(),
+        js.prune(
+            js.saliency.magnitude,
+            schedules.constant(0.77, at=5),
+            distribution=js.Global(),
+        ),
+    )
+    _, state, _ = run(tx, 10)
+    mask = optax.tree.get(state, "mask")
+    total = sum(m.size for m in kernels(mask))
+    assert sum(int((~np.asarray(m)).sum()) for m in kernels(mask)) == round(
+        0.77 * total
+    )
+
+
+@pytest.mark.parametrize("make", [js.rigl, js.sparse_evolutionary])
+def test_dynamic_sparsity_constant_and_mask_moves_only_on_update_steps(make):
+    tx = make(base(), 0.8, every=10, end=60, key=4)
+    history = []
+    _, _, traces = run(tx, 80, on_step=lambda t, p, s: history.append((t, p, s)))
+    assert traces == 1
+    previous = None
+    for t, params, state in history:
+        mask = optax.tree.get(state, "mask")
+        for m in kernels(mask):
+            assert int((~np.asarray(m)).sum()) == round(0.8 * m.size)
+        assert_pruned_exactly_zero(params, mask)
+        if previous is not None:
+            moved = float(js.schedules.mask_distance(previous, mask))
+            if t % 10 == 0 and 0 < t < 60:
+                assert moved > 0.0, t
+            else:
+                assert moved == 0.0, t
+        previous = mask
+
+
+def test_drop_smallest_grow_largest_gradient():
+    params = {"w": jnp.array([[3.0, 2.0, 1.0, 0.5]]) * jnp.ones((2, 1))}
+    grads = {"w": jnp.array([[0.0, 0.0, 0.0, 9.0]]) * jnp.ones((2, 1))}
+    tx = js.dynamic_sparse(
+        optax.sgd(0.0),
+        lambda grads: jax.tree.map(jnp.abs, grads),
+        0.5,
+        every=1,
+        end=100,
+        key=0,
+        drop_fraction=1.0,
+        init_criterion=js.saliency.magnitude,
+    )
+    state = tx.init(params)
+    np.testing.assert_array_equal(
+        np.asarray(state.mask["w"])[0], [True, True, False, False]
+    )
+    state = state._replace(count=jnp.asarray(50, jnp.int32))
+    _, state = tx.update(grads, state, params)
+    # Drop fraction 0.5 at t = 50 of 100: one of the two active weights per
+    # row goes (the smaller, 2.0) and the largest gradient (last) grows.
+    np.testing.assert_array_equal(
+        np.asarray(state.mask["w"])[0], [True, False, False, True]
+    )
+
+
+@pytest.mark.parametrize(
+    "inner,field",
+    [
+        (lambda: optax.adam(1e-2), "mu"),
+        (lambda: optax.sgd(1e-2, momentum=0.9), "trace"),
+        (lambda: optax.adamw(1e-2), "nu"),
+        (lambda: optax.lion(1e-3), "mu"),
+    ],
+)
+def test_sparsify_zeroes_moments_where_mask_changes(inner, field):
+    tx = js.sparsify(inner(), js.saliency.magnitude, schedules.constant(0.6, at=5))
+    history = []
+    run(tx, 7, on_step=lambda t, p, s: history.append((p, s)))
+    before = optax.tree.get(history[4][1], field)
+    after = optax.tree.get(history[5][1], field)
+    mask = optax.tree.get(history[5][1], "mask")
+    for b, a, m in zip(kernels(before), kernels(after), kernels(mask)):
+        m = np.asarray(m)
+        assert np.all(np.asarray(b)[~m] != 0.0)  # the moments had built up
+        assert np.all(np.asarray(a)[~m] == 0.0)
+    moments = optax.tree.get(history[6][1], field)
+    for mo, m in zip(kernels(moments), kernels(mask)):
+        assert np.all(np.asarray(mo)[~np.asarray(m)] == 0.0)
+
+
+def test_regrown_weights_start_at_zero_with_zero_moments():
+    tx = js.rigl(optax.adam(1e-2), 0.8, every=5, end=50, key=2)
+    history = []
+    run(tx, 6, on_step=lambda t, p, s: history.append((p, s)))
+    old = optax.tree.get(history[4][1], "mask")
+    params, state = history[5]
+    new = optax.tree.get(state, "mask")
+    mu = optax.tree.get(state, "mu")
+    grew = 0
+    for o, n, p, m in zip(kernels(old), kernels(new), kernels(params), kernels(mu)):
+        regrown = np.asarray(n) & ~np.asarray(o)
+        grew += regrown.sum()
+        assert np.all(np.asarray(p)[regrown] == 0.0)
+        assert np.all(np.asarray(m)[regrown] == 0.0)
+    assert grew > 0
+
+
+def test_chain_form_sees_updates_wrapper_sees_raw_gradients():
+    params = {"w": jnp.ones((1, 4))}
+    grads = {"w": jnp.array([[1.0, 2.0, -3.0, -4.0]])}
+
+    def signed(grads):
+        return grads
+
+    chain = optax.chain(optax.scale(-1.0), js.prune(signed, schedules.constant(0.5)))
+    _, state = chain.update(grads, chain.init(params), params)
+    np.testing.assert_array_equal(
+        np.asarray(state[1].mask["w"]), [[False, False, True, True]]
+    )
+    wrapped = js.sparsify(optax.scale(-1.0), signed, schedules.constant(0.5))
+    _, state = wrapped.update(grads, wrapped.init(params), params)
+    np.testing.assert_array_equal(
+        np.asarray(state.mask["w"]), [[True, True, False, False]]
+    )
+
+
+def test_extra_args_reach_adaptive_schedule_and_criterion():
+    seen = []
+
+    def criterion(params, validation_loss):
+        seen.append(validation_loss)
+        return js.saliency.magnitude(params)
+
+    tx = optax.chain(
+        base(),
+        js.prune(criterion, schedules.adaptive(every=10, final=0.9, min_rate=0.2)),
+    )
+    _, state, traces = run(tx, 30, validation_loss=jnp.float32(1.0))
+    assert traces == 1 and seen
+    sparsity = 1 - (1 - 0.2) ** 3
+    for m in kernels(optax.tree.get(state, "mask")):
+        assert int((~np.asarray(m)).sum()) == round(np.float32(sparsity) * m.size)
+    with pytest.raises(ValueError, match="needs the validation loss"):
+        tx.update(PARAMS, tx.init(PARAMS), PARAMS)
+
+
+def test_works_inside_multisteps():
+    tx = optax.MultiSteps(
+        optax.chain(
+            optax.adam(1e-2), js.prune(js.saliency.magnitude, schedules.constant(0.5))
+        ),
+        every_k_schedule=2,
+    )
+    params, state, traces = run(tx, 6)
+    assert traces == 1
+    # MultiSteps applies the inner chain every 2nd step; the mask it made
+    # at its first real step keeps the kernels at exactly 50 %.
+    assert float(js.sparsity(params)) == 0.5
+    assert_pruned_exactly_zero(params, optax.tree.get(state, "mask"))
+
+
+@pytest.mark.parametrize(
+    "make,error,message",
+    [
+        (
+            lambda: js.keep_masked(FIXED).update(
+                PARAMS, js.keep_masked(FIXED).init(PARAMS)
+            ),
+            ValueError,
+            "keep_masked needs the params",
+        ),
+        (
+            lambda: js.keep_masked({"dense_0": None}).init(PARAMS),
+            ValueError,
+            "mask tree does not match",
+        ),
+        (
+            lambda: js.prune(js.saliency.random, schedules.constant(0.5)),
+            ValueError,
+            "needs a PRNG key",
+        ),
+        (lambda: js.prune(js.saliency.magnitude, 0.5), TypeError, "schedule must be"),
+        (
+            lambda: js.sparsify("adam", js.saliency.magnitude, schedules.constant(0.5)),
+            TypeError,
+            "inner must be an optax",
+        ),
+        (
+            lambda: js.rigl(optax.adam(1e-3), 1.0, every=10, end=100, key=0),
+            ValueError,
+            r"sparsity must be in \[0, 1\)",
+        ),
+        (
+            lambda: js.rigl(optax.adam(1e-3), 0.5, every=0, end=100, key=0),
+            ValueError,
+            "every must be a positive int",
+        ),
+    ],
+)
+def test_bad_configuration(make, error, message):
+    with pytest.raises(error, match=message):
+        make()
+
+
+def test_prune_without_params_raises():
+    tx = js.prune(js.saliency.magnitude, schedules.constant(0.5))
+    with pytest.raises(ValueError, match="prune needs the params"):
+        tx.update(PARAMS, tx.init(PARAMS))
+
+
+def test_bf16_params_keep_dtype_and_zeros():
+    params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), PARAMS)
+    tx = optax.chain(
+        optax.sgd(1e-2), js.prune(js.saliency.magnitude, schedules.constant(0.5))
+    )
+    out, state, _ = run(tx, 5, params=params)
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(out))
+    assert_pruned_exactly_zero(out, optax.tree.get(state, "mask"))
+
+
+def load_example(name):
+    spec = importlib.util.spec_from_file_location(
+        name, ROOT / "examples" / f"{name}.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_example_nnx_optimizer():
+    assert load_example("nnx_prune").main(steps=60, sparsity=0.8) == pytest.approx(
+        0.8, abs=1e-3
+    )
+
+
+def test_example_linen_train_state():
+    assert load_example("linen_rigl").main(steps=60, sparsity=0.7) == pytest.approx(
+        0.7, abs=1e-3
+    )
+
+
+def test_example_general_schedule():
+    report = load_example("general_schedule").main(steps_per_phase=15)
+    assert report.sparsity == pytest.approx(0.9, abs=1e-3)
