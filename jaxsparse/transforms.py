@@ -181,7 +181,8 @@ class _MaskRule(NamedTuple):
     needs_key: bool
     init_mask: Callable[[Params, jax.Array], Mask]
     init_schedule: Callable[[], Any]
-    step: Callable[..., tuple[Mask, Any]]
+    step: Callable[..., tuple[Mask, Any, jax.Array]]
+    """``step(...) -> (mask, schedule_state, may_have_changed)``."""
 
 
 def _schedule_rule(
@@ -237,7 +238,8 @@ def _schedule_rule(
             new,
             is_leaf=_tree.is_none,
         )
-        return new, schedule_state
+        # Entering a dense phase frees weights without an update step.
+        return new, schedule_state, target.update | target.dense
 
     return _MaskRule(needs_key, init_mask, init_schedule, step)
 
@@ -265,7 +267,7 @@ def _chain_form(rule: _MaskRule, key: Any, name: str):
 
     def update(updates, state, params=None, **extra):
         _need_params(params, name)
-        mask, schedule_state = rule.step(
+        mask, schedule_state, _ = rule.step(
             state.count,
             state.mask,
             state.schedule_state,
@@ -370,7 +372,7 @@ def _wrapper_form(inner: optax.GradientTransformation, rule: _MaskRule, key, nam
 
     def update(grads, state, params=None, **extra):
         _need_params(params, name)
-        mask, schedule_state = rule.step(
+        mask, schedule_state, may_change = rule.step(
             state.count,
             state.mask,
             state.schedule_state,
@@ -379,23 +381,28 @@ def _wrapper_form(inner: optax.GradientTransformation, rule: _MaskRule, key, nam
             grads,
             extra,
         )
-        changed = tree_util.tree_map(
-            lambda old, new: None if new is None else old != new,
-            state.mask,
-            mask,
-            is_leaf=_tree.is_none,
-        )
         updates, inner_state = inner.update(
             _masked_grads(grads, mask), state.inner_state, params, **extra
         )
-        inner_state = _reset_moments(inner, inner_state, changed, params)
-        # Regrown weights start at 0: their first update is -param (= 0).
-        settled = tree_util.tree_map(
-            lambda m, c: None if m is None else m & ~c,
-            mask,
-            changed,
-            is_leaf=_tree.is_none,
-        )
+
+        def settle():
+            changed = tree_util.tree_map(
+                lambda old, new: None if new is None else old != new,
+                state.mask,
+                mask,
+                is_leaf=_tree.is_none,
+            )
+            # Regrown weights start at 0: their first update is -param (= 0).
+            settled = tree_util.tree_map(
+                lambda m, c: None if m is None else m & ~c,
+                mask,
+                changed,
+                is_leaf=_tree.is_none,
+            )
+            return _reset_moments(inner, inner_state, changed, params), settled
+
+        # Ordinary steps skip the comparison and the moment reset.
+        inner_state, settled = lax.cond(may_change, settle, lambda: (inner_state, mask))
         return _masked_updates(updates, settled, params), SparsifyState(
             optax.safe_increment(state.count),
             mask,
@@ -505,7 +512,8 @@ def _drop_and_grow_rule(
             return treedef.unflatten(out)
 
         update_now = (count > 0) & (count % every == 0) & (count < end)
-        return lax.cond(update_now, drop_and_grow, lambda: mask), schedule_state
+        new = lax.cond(update_now, drop_and_grow, lambda: mask)
+        return new, schedule_state, update_now
 
     return _MaskRule(True, init_mask, lambda: (), step)
 
