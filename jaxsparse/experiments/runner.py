@@ -99,11 +99,12 @@ def loss_fn(params: Params, x: jax.Array, y: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(mlp(params, x), y).mean()
 
 
-def make_epoch(optimizer: optax.GradientTransformation, batch_size: int):
-    """A jitted epoch: shuffled mini-batches, gradients and params masked."""
+def make_epoch(tx: optax.GradientTransformation, batch_size: int):
+    """A jitted epoch of ``tx`` over shuffled mini-batches (one compilation
+    for every state of ``tx``, so masks may change between calls)."""
 
     @jax.jit
-    def epoch(params, opt_state, mask, x, y, key):
+    def epoch(params, opt_state, x, y, key):
         steps = x.shape[0] // batch_size
         order = jax.random.permutation(key, x.shape[0])[: steps * batch_size]
         batches = (
@@ -113,10 +114,9 @@ def make_epoch(optimizer: optax.GradientTransformation, batch_size: int):
 
         def step(carry, batch):
             params, opt_state = carry
-            grads = js.apply_mask(jax.grad(loss_fn)(params, *batch), mask)
-            updates, opt_state = optimizer.update(grads, opt_state, params)
-            params = js.apply_mask(optax.apply_updates(params, updates), mask)
-            return (params, opt_state), None
+            grads = jax.grad(loss_fn)(params, *batch)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return (optax.apply_updates(params, updates), opt_state), None
 
         (params, opt_state), _ = jax.lax.scan(step, (params, opt_state), batches)
         return params, opt_state
@@ -146,19 +146,22 @@ def run(config: Config) -> list[Row]:
     key = jax.random.PRNGKey(config.seed)
     sizes = (split.x_train.shape[1], *config.hidden, split.num_classes)
     params = init_mlp(jax.random.fold_in(key, 0), sizes)
-    optimizer = optax.adam(config.learning_rate)
-    epoch = make_epoch(optimizer, config.batch_size)
+    adam = optax.adam(config.learning_rate)
+    # The mask lives in keep_masked's state: one compiled epoch serves every
+    # sparsity.
+    finetune = optax.chain(adam, js.keep_masked(js.dense_mask(params)))
+    dense_epoch = make_epoch(adam, config.batch_size)
+    finetune_epoch = make_epoch(finetune, config.batch_size)
 
-    def train(params, mask, epochs, stream):
-        opt_state = optimizer.init(params)
+    def train(epoch, params, opt_state, epochs, stream):
         for e in range(epochs):
             batch_key = jax.random.fold_in(key, stream + e)
             params, opt_state = epoch(
-                params, opt_state, mask, split.x_train, split.y_train, batch_key
+                params, opt_state, split.x_train, split.y_train, batch_key
             )
         return params
 
-    params = train(params, js.dense_mask(params), config.epochs, 1000)
+    params = train(dense_epoch, params, adam.init(params), config.epochs, 1000)
     grads = jax.grad(loss_fn)(params, split.x_train, split.y_train)
     distribution = DISTRIBUTIONS[config.distribution]
     rows = []
@@ -166,9 +169,9 @@ def run(config: Config) -> list[Row]:
         scores = CRITERIA[name](params, grads, jax.random.fold_in(key, 2000 + c))
         for target in config.sparsities:
             mask = js.topk_mask(scores, target, distribution=distribution)
-            pruned = train(
-                js.apply_mask(params, mask), mask, config.finetune_epochs, 3000
-            )
+            state = optax.tree.set(finetune.init(params), mask=mask)
+            masked = js.apply_mask(params, mask)
+            pruned = train(finetune_epoch, masked, state, config.finetune_epochs, 3000)
             report = js.sparsity_report(pruned)
             rows.append(
                 Row(
@@ -181,6 +184,120 @@ def run(config: Config) -> list[Row]:
                 )
             )
     return rows
+
+
+class ScheduleRow(NamedTuple):
+    """One training run of the schedule comparison."""
+
+    method: str
+    seed: int
+    sparsity: float
+    accuracy: float
+
+
+def schedule_methods(
+    sparsity: float, steps: int, learning_rate: float, seed: int
+) -> dict[str, optax.GradientTransformation]:
+    """The compared schedules, each spending ``steps`` steps in total.
+
+    Dense; one shot at half time then fine-tuning; gradual polynomial from
+    10 % to 60 % of the run; IHT (dense warm-up, two sparse/dense cycles,
+    sparse end); RigL and SET from a random mask, updates every 2.5 % of the
+    run until 75 %.
+    """
+    adam = optax.adam(learning_rate)
+    magnitude = js.saliency.magnitude
+    every = max(steps // 40, 1)
+    return {
+        "dense": adam,
+        "one-shot": optax.chain(
+            adam, js.prune(magnitude, js.schedules.constant(sparsity, at=steps // 2))
+        ),
+        "gradual": optax.chain(
+            adam,
+            js.prune(
+                magnitude,
+                js.schedules.polynomial(
+                    0.0,
+                    sparsity,
+                    begin=steps // 10,
+                    end=6 * steps // 10,
+                    every=max(steps // 50, 1),
+                ),
+            ),
+        ),
+        "IHT": optax.chain(
+            adam,
+            js.prune(
+                magnitude,
+                js.schedules.iht(
+                    sparsity,
+                    warmup=steps // 5,
+                    sparse_steps=steps // 5,
+                    dense_steps=steps // 10,
+                    cycles=2,
+                ),
+            ),
+        ),
+        "RigL": js.rigl(adam, sparsity, every=every, end=3 * steps // 4, key=seed),
+        "SET": js.sparse_evolutionary(
+            adam, sparsity, every=every, end=3 * steps // 4, key=seed
+        ),
+    }
+
+
+def run_schedules(
+    config: Config, seeds: Sequence[int], sparsity: float
+) -> list[ScheduleRow]:
+    """Trains every method of :func:`schedule_methods` for the same number of
+    steps (``epochs + finetune_epochs`` epochs) on each seed."""
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
+    rows = []
+    epochs = config.epochs + config.finetune_epochs
+    for seed in seeds:
+        split = data.digits(seed)
+        key = jax.random.PRNGKey(seed)
+        sizes = (split.x_train.shape[1], *config.hidden, split.num_classes)
+        init = init_mlp(jax.random.fold_in(key, 0), sizes)
+        steps = epochs * (len(split.y_train) // config.batch_size)
+        methods = schedule_methods(sparsity, steps, config.learning_rate, seed)
+        for name, tx in methods.items():
+            epoch = make_epoch(tx, config.batch_size)
+            params, state = init, tx.init(init)
+            for e in range(epochs):
+                params, state = epoch(
+                    params,
+                    state,
+                    split.x_train,
+                    split.y_train,
+                    jax.random.fold_in(key, 1000 + e),
+                )
+            rows.append(
+                ScheduleRow(
+                    name,
+                    seed,
+                    float(js.sparsity(params)),
+                    accuracy(params, split.x_test, split.y_test),
+                )
+            )
+    return rows
+
+
+def format_schedule_summary(rows: Sequence[ScheduleRow]) -> str:
+    """Mean and spread (sample standard deviation) over seeds per method."""
+    methods = list(dict.fromkeys(r.method for r in rows))
+    lines = [
+        f"{'method':<10} {'sparsity':>9} {'test acc (mean ± std)':>24} {'seeds':>6}"
+    ]
+    for name in methods:
+        acc = np.array([r.accuracy for r in rows if r.method == name])
+        sp = np.mean([r.sparsity for r in rows if r.method == name])
+        std = acc.std(ddof=1) if acc.size > 1 else 0.0
+        lines.append(
+            f"{name:<10} {sp:>9.2%} {f'{acc.mean():.2%} ± {std:.2%}':>24} {acc.size:>6}"
+        )
+    return "\n".join(lines)
 
 
 def format_table(rows: Sequence[Row]) -> str:
@@ -203,7 +320,28 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m jaxsparse",
         description="Prune an MLP on the embedded digits dataset and compare.",
     )
+    p.add_argument(
+        "--experiment",
+        choices=("one-shot", "schedules"),
+        default="one-shot",
+        help="one-shot: prune a trained model to several sparsities and "
+        "fine-tune; schedules: compare dense, one-shot, gradual, IHT, RigL "
+        "and SET at one sparsity with the same number of steps",
+    )
     p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0, 1, 2, 3, 4],
+        help="seeds of the schedules experiment",
+    )
+    p.add_argument(
+        "--sparsity",
+        type=float,
+        default=0.9,
+        help="target of the schedules experiment",
+    )
     p.add_argument("--hidden", type=int, nargs="+", default=list(defaults.hidden))
     p.add_argument("--epochs", type=int, default=defaults.epochs)
     p.add_argument("--finetune-epochs", type=int, default=defaults.finetune_epochs)
@@ -239,10 +377,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         distribution=args.distribution,
     )
     start = time.perf_counter()
-    rows = run(config)
-    print(
-        f"digits MLP {'-'.join(map(str, (64, *config.hidden, 10)))}, "
-        f"{config.distribution} distribution, seed {config.seed}"
-    )
-    print(format_table(rows))
+    model = f"digits MLP {'-'.join(map(str, (64, *config.hidden, 10)))}"
+    if args.experiment == "schedules":
+        rows = run_schedules(config, args.seeds, args.sparsity)
+        print(
+            f"{model}, {args.sparsity:.0%} target, "
+            f"{config.epochs + config.finetune_epochs} epochs each, seeds {args.seeds}"
+        )
+        print(format_schedule_summary(rows))
+    else:
+        rows = run(config)
+        print(f"{model}, {config.distribution} distribution, seed {config.seed}")
+        print(format_table(rows))
     print(f"({time.perf_counter() - start:.1f} s)")
