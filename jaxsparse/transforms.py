@@ -44,7 +44,7 @@ from jaxsparse import _tree
 from jaxsparse._select import prune_lowest
 from jaxsparse._types import LeafSelector, Mask, Params, Scores
 from jaxsparse.distribution import Distribution, Uniform
-from jaxsparse.masks import dense_mask, topk_mask
+from jaxsparse.masks import apply_mask, dense_mask, topk_mask
 from jaxsparse.saliency import random as random_scores
 from jaxsparse.schedules import AdaptiveSchedule, Schedule, cosine_drop_fraction
 from jaxsparse.structure import Element, Granularity, Reduce
@@ -77,16 +77,13 @@ def _key_array(key: Any, needed: bool, name: str) -> jax.Array:
     if key is None:
         if needed:
             raise ValueError(f"{name} needs a PRNG key: pass key=jax.random.key(...)")
+        # A placeholder of the right type: no criterion of this transform reads it.
         return jax.random.key_data(jax.random.key(0))
     if isinstance(key, int):
         return jax.random.key_data(jax.random.key(key))
     if jnp.issubdtype(jnp.asarray(key).dtype, jax.dtypes.prng_key):
         return jax.random.key_data(key)
     return jnp.asarray(key, jnp.uint32)
-
-
-def _wrap_key(data: jax.Array) -> jax.Array:
-    return jax.random.wrap_key_data(data)
 
 
 def _need_params(params: Params | None, name: str) -> None:
@@ -105,15 +102,6 @@ def _masked_updates(updates: Any, mask: Mask, params: Params) -> Any:
         mask,
         updates,
         params,
-        is_leaf=_tree.is_none,
-    )
-
-
-def _masked_grads(grads: Any, mask: Mask) -> Any:
-    return tree_util.tree_map(
-        lambda m, g: g if m is None else jnp.where(m, g, jnp.zeros((), g.dtype)),
-        mask,
-        grads,
         is_leaf=_tree.is_none,
     )
 
@@ -257,7 +245,7 @@ def _chain_form(rule: _MaskRule, key: Any, name: str):
     key_data = _key_array(key, rule.needs_key, name)
 
     def init(params):
-        key_ = _wrap_key(key_data)
+        key_ = jax.random.wrap_key_data(key_data)
         return PruneState(
             jnp.zeros((), jnp.int32),
             rule.init_mask(params, key_),
@@ -271,7 +259,7 @@ def _chain_form(rule: _MaskRule, key: Any, name: str):
             state.count,
             state.mask,
             state.schedule_state,
-            _wrap_key(state.key),
+            jax.random.wrap_key_data(state.key),
             params,
             updates,
             extra,
@@ -364,7 +352,7 @@ def _wrapper_form(inner: optax.GradientTransformation, rule: _MaskRule, key, nam
     def init(params):
         return SparsifyState(
             jnp.zeros((), jnp.int32),
-            rule.init_mask(params, _wrap_key(key_data)),
+            rule.init_mask(params, jax.random.wrap_key_data(key_data)),
             key_data,
             rule.init_schedule(),
             inner.init(params),
@@ -376,13 +364,13 @@ def _wrapper_form(inner: optax.GradientTransformation, rule: _MaskRule, key, nam
             state.count,
             state.mask,
             state.schedule_state,
-            _wrap_key(state.key),
+            jax.random.wrap_key_data(state.key),
             params,
             grads,
             extra,
         )
         updates, inner_state = inner.update(
-            _masked_grads(grads, mask), state.inner_state, params, **extra
+            apply_mask(grads, mask), state.inner_state, params, **extra
         )
 
         def settle():
