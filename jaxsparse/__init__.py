@@ -5,9 +5,11 @@ Public modules: :mod:`~jaxsparse.masks`, :mod:`~jaxsparse.structure`,
 used are re-exported here.
 """
 
+from jaxsparse import curvature as curvature
 from jaxsparse import data as data
 from jaxsparse import distribution as distribution
 from jaxsparse import masks as masks
+from jaxsparse import obs as obs
 from jaxsparse import saliency as saliency
 from jaxsparse import schedules as schedules
 from jaxsparse import structure as structure
@@ -78,6 +80,7 @@ __all__ = (
     "Uniform",
     "apply_mask",
     "check_finite",
+    "curvature",
     "data",
     "dense_mask",
     "distribution",
@@ -86,6 +89,7 @@ __all__ = (
     "keep_masked",
     "layerwise_mask",
     "masks",
+    "obs",
     "prune",
     "rigl",
     "saliency",
