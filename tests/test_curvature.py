@@ -1,0 +1,298 @@
+"""Tests for jaxsparse.curvature against dense references (float64)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax.flatten_util import ravel_pytree
+
+from jaxsparse import curvature as cv
+
+
+@pytest.fixture(autouse=True)
+def float64_standard():
+    """float64 for tight references; flax and optax need standard promotion."""
+    with (
+        jax.enable_x64(True),
+        jax.numpy_dtype_promotion("standard"),
+        jax.numpy_rank_promotion("allow"),
+    ):
+        yield
+
+
+def mlp_model():
+    k = jax.random.key(0)
+    params = {
+        "dense_0": {"kernel": jax.random.normal(k, (5, 4)) / 2, "bias": jnp.zeros(4)},
+        "dense_1": {
+            "kernel": jax.random.normal(jax.random.fold_in(k, 1), (4, 3)),
+            "bias": jnp.full(3, 0.1),
+        },
+    }
+
+    def logits(p, x):
+        h = jnp.tanh(x @ p["dense_0"]["kernel"] + p["dense_0"]["bias"])
+        return h @ p["dense_1"]["kernel"] + p["dense_1"]["bias"]
+
+    return params, logits
+
+
+def conv_model():
+    k = jax.random.key(1)
+    params = (
+        jax.random.normal(k, (3, 3, 1, 2)) / 3,
+        jax.random.normal(k, (2 * 4 * 4, 3)) / 4,
+    )
+
+    def logits(p, x):
+        h = jax.lax.conv_general_dilated(
+            x, p[0], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        return jnp.tanh(h).reshape(x.shape[0], -1) @ p[1]
+
+    return params, logits
+
+
+def nnx_model():
+    model = nnx.Linear(5, 3, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+
+    def logits(s, x):
+        return nnx.merge(graphdef, s)(x)
+
+    return state, logits
+
+
+MODELS = {"mlp-dict": mlp_model, "conv-tuple": conv_model, "nnx-state": nnx_model}
+
+
+def data(kind):
+    k = jax.random.key(2)
+    x = jax.random.normal(k, (6, 4, 4, 1) if kind == "conv-tuple" else (6, 5))
+    return x, jnp.arange(6) % 3
+
+
+def setup(kind):
+    params, logits = MODELS[kind]()
+    params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params)
+    x, y = data(kind)
+
+    def loss(p, x, y):
+        return optax.softmax_cross_entropy_with_integer_labels(logits(p, x), y).mean()
+
+    flat, unravel = ravel_pytree(params)
+    dense = jax.hessian(lambda f: loss(unravel(f), x, y))(flat)
+    return params, logits, loss, x, y, flat, unravel, np.asarray(dense)
+
+
+def everything(path, leaf):
+    return True
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+def test_hvp_equals_dense_hessian_times_v(kind):
+    params, _, loss, x, y, flat, unravel, H = setup(kind)
+    v = jax.random.normal(jax.random.key(3), flat.shape)
+    got = ravel_pytree(
+        jax.jit(cv.hvp, static_argnums=0)(loss, params, unravel(v), x, y)
+    )[0]
+    np.testing.assert_allclose(got, H @ np.asarray(v), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+@pytest.mark.parametrize("chunk", [1, 7, 256])
+def test_exact_diagonal(kind, chunk):
+    params, _, loss, x, y, *_, H = setup(kind)
+    diag = cv.hessian_diag(loss, params, x, y, include=everything, chunk_size=chunk)
+    np.testing.assert_allclose(
+        ravel_pytree(diag)[0], np.diag(H), rtol=1e-10, atol=1e-13
+    )
+
+
+def test_diagonal_respects_include():
+    params, _, loss, x, y, *_ = setup("mlp-dict")
+    diag = cv.hessian_diag(loss, params, x, y)
+    assert diag["dense_0"]["bias"] is None
+    assert diag["dense_0"]["kernel"].shape == (5, 4)
+
+
+def test_hessian_block_for_index_set():
+    params, _, loss, x, y, *_, H = setup("mlp-dict")
+    # ravel_pytree order: dense_0/bias (4), dense_0/kernel (20), dense_1/bias
+    # (3), dense_1/kernel (12).
+    idx = [0, 3, 7, 19]
+    block = cv.hessian_block(
+        loss, params, x, y, leaf="dense_0/kernel", indices=idx, chunk_size=3
+    )
+    np.testing.assert_allclose(
+        block, H[np.ix_([4 + i for i in idx], [4 + i for i in idx])], atol=1e-13
+    )
+    whole = cv.hessian_block(loss, params, x, y, leaf="dense_1/kernel")
+    np.testing.assert_allclose(whole, H[27:39, 27:39], atol=1e-13)
+    with pytest.raises(ValueError, match="no leaf at path 'nope'"):
+        cv.hessian_block(loss, params, x, y, leaf="nope")
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+def test_ggn_diagonal_matches_dense_jacobian_form(kind):
+    params, logits, loss, x, y, flat, unravel, _ = setup(kind)
+    got = cv.ggn_diag_softmax_ce(logits, params, x, include=everything, chunk_size=4)
+    J = np.asarray(jax.jacobian(lambda f: logits(unravel(f), x))(flat))
+    p = np.asarray(jax.nn.softmax(logits(params, x)))
+    G = sum(
+        J[n].T @ (np.diag(p[n]) - np.outer(p[n], p[n])) @ J[n] for n in range(len(x))
+    )
+    np.testing.assert_allclose(
+        ravel_pytree(got)[0], np.diag(G) / len(x), rtol=1e-10, atol=1e-14
+    )
+
+
+def test_hutchinson_is_unbiased_error_falls_with_samples():
+    params, _, loss, x, y, *_, H = setup("mlp-dict")
+    truth = np.diag(H)
+    errors = []
+    for samples in (10, 100, 1000):
+        trials = [
+            ravel_pytree(
+                cv.hutchinson_diag(
+                    loss,
+                    params,
+                    x,
+                    y,
+                    key=jax.random.key(s),
+                    samples=samples,
+                    include=everything,
+                )
+            )[0]
+            for s in range(3)
+        ]
+        errors.append(np.mean([np.abs(t - truth).mean() for t in trials]))
+    assert errors[0] > errors[1] > errors[2]
+    assert errors[2] < 0.25 * errors[0]
+
+
+def test_per_example_grads_and_fisher_diag():
+    params, _, loss, x, y, *_ = setup("mlp-dict")
+    per = cv.per_example_grads(loss, params, x, y)
+    loop = [
+        ravel_pytree(jax.grad(loss)(params, x[i : i + 1], y[i : i + 1]))[0]
+        for i in range(6)
+    ]
+    flat = jax.vmap(lambda t: ravel_pytree(t)[0])(per)
+    np.testing.assert_allclose(flat, np.stack(loop), atol=1e-14)
+    fd = cv.fisher_diag(per)
+    assert fd["dense_0"]["bias"] is None
+    np.testing.assert_allclose(
+        fd["dense_0"]["kernel"].ravel(), (np.stack(loop) ** 2).mean(0)[4:24], atol=1e-14
+    )
+
+
+def fisher_reference(g, block, damping, b):
+    cols = g.reshape(g.shape[0], -1)
+    cols = np.pad(cols, ((0, 0), (0, -cols.shape[1] % block)))[
+        :, b * block : (b + 1) * block
+    ]
+    return np.linalg.inv(damping * np.eye(block) + cols.T @ cols / g.shape[0])
+
+
+@pytest.mark.parametrize("block", [1, 3, 8, 20])
+@pytest.mark.parametrize("n", [2, 7, 40])
+@pytest.mark.parametrize("damping", [1e-3, 0.5])
+def test_woodbury_equals_numpy_inverse(block, n, damping):
+    g = {"w": jax.random.normal(jax.random.key(n), (n, 4, 5))}
+    for method in ("woodbury", "cholesky", "auto"):
+        inv = cv.fisher_inverse(g, block_size=block, damping=damping, method=method)
+        blocks = np.asarray(inv.blocks["w"])
+        assert blocks.shape == (-(-20 // block), block, block)
+        for b in range(blocks.shape[0]):
+            ref = fisher_reference(np.asarray(g["w"]), block, damping, b)
+            err = np.abs(blocks[b] - ref).max() / np.abs(ref).max()
+            assert err < 1e-8, (method, b, err)
+
+
+def test_woodbury_in_pieces_equals_all_at_once():
+    g = {"w": jax.random.normal(jax.random.key(9), (30, 6, 2)), "b": jnp.ones((30, 2))}
+    params = jax.tree.map(lambda t: t[0], g)
+    inv = cv.woodbury_init(params, block_size=4, damping=0.1)
+    assert inv.blocks["b"] is None
+    for start in range(0, 30, 7):
+        piece = jax.tree.map(lambda t: t[start : start + 7], g)
+        inv = cv.woodbury_update(inv, piece, num_samples=30)
+    whole = cv.fisher_inverse(g, block_size=4, damping=0.1, method="cholesky")
+    np.testing.assert_allclose(
+        inv.blocks["w"], whole.blocks["w"], rtol=1e-9, atol=1e-12
+    )
+
+
+def test_block_diagonal_and_exact_hessian_inverse():
+    params, _, loss, x, y, *_, H = setup("mlp-dict")
+    inv = cv.hessian_inverse(loss, params, x, y, damping=0.5)
+    ref = np.linalg.inv(H[4:24, 4:24] + 0.5 * np.eye(20))
+    np.testing.assert_allclose(inv.blocks["dense_0"]["kernel"][0], ref, rtol=1e-9)
+    diag = cv.block_diagonal(inv, params)
+    np.testing.assert_allclose(
+        diag["dense_0"]["kernel"].ravel(), np.diag(ref), rtol=1e-9
+    )
+    small = cv.hessian_inverse(loss, params, x, y, damping=0.5, block_size=5)
+    np.testing.assert_allclose(
+        small.blocks["dense_0"]["kernel"][1],
+        np.linalg.inv(H[9:14, 9:14] + 0.5 * np.eye(5)),
+        rtol=1e-9,
+    )
+
+
+def test_cg_inverse_hvp():
+    params, _, loss, x, y, flat, unravel, H = setup("mlp-dict")
+    v = jax.random.normal(jax.random.key(4), flat.shape)
+    got = cv.inverse_hvp_cg(loss, params, unravel(v), x, y, damping=1.0, tol=1e-12)
+    ref = np.linalg.solve(H + np.eye(len(flat)), np.asarray(v))
+    np.testing.assert_allclose(ravel_pytree(got)[0], ref, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    "call,message",
+    [
+        (
+            lambda p, l, x, y: cv.hessian_diag(l, p, x, y, chunk_size=0),
+            "chunk_size must be",
+        ),
+        (
+            lambda p, l, x, y: cv.woodbury_init(p, block_size=0, damping=1.0),
+            "block_size must be",
+        ),
+        (
+            lambda p, l, x, y: cv.woodbury_init(p, block_size=4, damping=0.0),
+            "damping must be > 0",
+        ),
+        (
+            lambda p, l, x, y: cv.fisher_inverse(
+                cv.per_example_grads(l, p, x, y), block_size=4, damping=-1.0
+            ),
+            "damping must be > 0",
+        ),
+        (
+            lambda p, l, x, y: cv.hvp(l, p, {"dense_0": p["dense_0"]}, x, y),
+            "v tree does not match",
+        ),
+        (
+            lambda p, l, x, y: cv.woodbury_update(
+                cv.woodbury_init(p, block_size=4, damping=1.0),
+                {"a": jnp.ones((2, 3))},
+                num_samples=2,
+            ),
+            "grads tree does not match",
+        ),
+        (
+            lambda p, l, x, y: cv.fisher_inverse(
+                cv.per_example_grads(l, p, x, y), block_size=4, damping=1.0, method="qr"
+            ),
+            "method must be",
+        ),
+    ],
+)
+def test_bad_input(call, message):
+    params, _, loss, x, y, *_ = setup("mlp-dict")
+    with pytest.raises(ValueError, match=message):
+        call(params, loss, x, y)
