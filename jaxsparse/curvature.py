@@ -579,6 +579,6 @@ def hessian_inverse(
                 for b in range(n_blocks)
             ]
         )
-        return jnp.linalg.inv(blocks + damping * eye)
+        return jnp.linalg.inv(blocks + damping * eye[None])
 
     return BlockInverse(_tree.map_selected(invert, params, include), size, damping)

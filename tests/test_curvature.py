@@ -137,7 +137,7 @@ def test_hessian_block_for_index_set():
 
 @pytest.mark.parametrize("kind", sorted(MODELS))
 def test_ggn_diagonal_matches_dense_jacobian_form(kind):
-    params, logits, loss, x, y, flat, unravel, _ = setup(kind)
+    params, logits, _, x, _, flat, unravel, _ = setup(kind)
     got = cv.ggn_diag_softmax_ce(logits, params, x, include=everything, chunk_size=4)
     J = np.asarray(jax.jacobian(lambda f: logits(unravel(f), x))(flat))
     p = np.asarray(jax.nn.softmax(logits(params, x)))
@@ -218,7 +218,7 @@ def test_woodbury_in_pieces_equals_all_at_once():
     inv = cv.woodbury_init(params, block_size=4, damping=0.1)
     assert inv.blocks["b"] is None
     for start in range(0, 30, 7):
-        piece = jax.tree.map(lambda t: t[start : start + 7], g)
+        piece = jax.tree.map(lambda t, s=start: t[s : s + 7], g)
         inv = cv.woodbury_update(inv, piece, num_samples=30)
     whole = cv.fisher_inverse(g, block_size=4, damping=0.1, method="cholesky")
     np.testing.assert_allclose(
@@ -255,29 +255,29 @@ def test_cg_inverse_hvp():
     "call,message",
     [
         (
-            lambda p, l, x, y: cv.hessian_diag(l, p, x, y, chunk_size=0),
+            lambda p, f, x, y: cv.hessian_diag(f, p, x, y, chunk_size=0),
             "chunk_size must be",
         ),
         (
-            lambda p, l, x, y: cv.woodbury_init(p, block_size=0, damping=1.0),
+            lambda p, f, x, y: cv.woodbury_init(p, block_size=0, damping=1.0),
             "block_size must be",
         ),
         (
-            lambda p, l, x, y: cv.woodbury_init(p, block_size=4, damping=0.0),
+            lambda p, f, x, y: cv.woodbury_init(p, block_size=4, damping=0.0),
             "damping must be > 0",
         ),
         (
-            lambda p, l, x, y: cv.fisher_inverse(
-                cv.per_example_grads(l, p, x, y), block_size=4, damping=-1.0
+            lambda p, f, x, y: cv.fisher_inverse(
+                cv.per_example_grads(f, p, x, y), block_size=4, damping=-1.0
             ),
             "damping must be > 0",
         ),
         (
-            lambda p, l, x, y: cv.hvp(l, p, {"dense_0": p["dense_0"]}, x, y),
+            lambda p, f, x, y: cv.hvp(f, p, {"dense_0": p["dense_0"]}, x, y),
             "v tree does not match",
         ),
         (
-            lambda p, l, x, y: cv.woodbury_update(
+            lambda p, f, x, y: cv.woodbury_update(
                 cv.woodbury_init(p, block_size=4, damping=1.0),
                 {"a": jnp.ones((2, 3))},
                 num_samples=2,
@@ -285,8 +285,8 @@ def test_cg_inverse_hvp():
             "grads tree does not match",
         ),
         (
-            lambda p, l, x, y: cv.fisher_inverse(
-                cv.per_example_grads(l, p, x, y), block_size=4, damping=1.0, method="qr"
+            lambda p, f, x, y: cv.fisher_inverse(
+                cv.per_example_grads(f, p, x, y), block_size=4, damping=1.0, method="qr"
             ),
             "method must be",
         ),
