@@ -83,9 +83,11 @@ def _leaf_hvp_rows(
     args,
     rows,
     chunk_size,
+    pick=lambda row, i: row,
 ):
-    """Rows ``H[rows, :]`` of the leaf's own Hessian block, flattened, computed
-    ``chunk_size`` basis vectors at a time."""
+    """``pick(H[i, :], i)`` for each ``i`` in ``rows``, over the leaf's own
+    Hessian block (flattened), ``chunk_size`` basis vectors at a time; only
+    what ``pick`` keeps is stored."""
     with_leaf = _leaf_function(params, path)
 
     def leaf_grad(x):
@@ -95,14 +97,14 @@ def _leaf_hvp_rows(
 
     def column(i):
         basis = jnp.zeros(size, leaf.dtype).at[i].set(1).reshape(leaf.shape)
-        return jax.jvp(leaf_grad, (leaf,), (basis,))[1]
+        return pick(jax.jvp(leaf_grad, (leaf,), (basis,))[1], i)
 
     rows = jnp.asarray(rows, jnp.int32)
     count = rows.shape[0]
     chunks = -(-count // chunk_size)
     padded = jnp.pad(rows, (0, chunks * chunk_size - count))
     out = lax.map(jax.vmap(column), padded.reshape(chunks, chunk_size))
-    return out.reshape(chunks * chunk_size, size)[:count]
+    return out.reshape(chunks * chunk_size, *out.shape[2:])[:count]
 
 
 def hessian_diag(
@@ -136,10 +138,11 @@ def hessian_diag(
     _check_positive_int(chunk_size, "chunk_size")
 
     def diag(path, leaf):
-        rows = _leaf_hvp_rows(
-            loss_fn, params, path, leaf, args, jnp.arange(leaf.size), chunk_size
+        rows = jnp.arange(leaf.size)
+        entries = _leaf_hvp_rows(
+            loss_fn, params, path, leaf, args, rows, chunk_size, lambda r, i: r[i]
         )
-        return jnp.diagonal(rows).reshape(leaf.shape)
+        return entries.reshape(leaf.shape)
 
     return _tree.map_selected(diag, params, include)
 
@@ -181,8 +184,9 @@ def hessian_block(
         raise ValueError(f"no leaf at path {leaf!r}; leaves are {names}")
     ((path, x),) = found
     idx = jnp.arange(x.size) if indices is None else jnp.asarray(indices, jnp.int32)
-    rows = _leaf_hvp_rows(loss_fn, params, path, x, args, idx, chunk_size)
-    return rows[:, idx]
+    return _leaf_hvp_rows(
+        loss_fn, params, path, x, args, idx, chunk_size, lambda r, i: r[idx]
+    )
 
 
 def hutchinson_diag(
@@ -568,17 +572,25 @@ def hessian_inverse(
 
     def invert(path, leaf):
         n_blocks = -(-leaf.size // size)
+        pad = n_blocks * size - leaf.size
+
+        def own_block(row, i):
+            return lax.dynamic_slice(
+                jnp.pad(row, (0, pad)), ((i // size) * size,), (size,)
+            )
+
         rows = _leaf_hvp_rows(
-            loss_fn, params, path, leaf, args, jnp.arange(leaf.size), chunk_size
+            loss_fn,
+            params,
+            path,
+            leaf,
+            args,
+            jnp.arange(leaf.size),
+            chunk_size,
+            own_block,
         )
-        padded = jnp.pad(rows, ((0, n_blocks * size - leaf.size),) * 2)
+        blocks = jnp.pad(rows, ((0, pad), (0, 0))).reshape(n_blocks, size, size)
         eye = jnp.eye(size, dtype=leaf.dtype)
-        blocks = jnp.stack(
-            [
-                padded[b * size : (b + 1) * size, b * size : (b + 1) * size]
-                for b in range(n_blocks)
-            ]
-        )
         return jnp.linalg.inv(blocks + damping * eye[None])
 
     return BlockInverse(_tree.map_selected(invert, params, include), size, damping)

@@ -1,0 +1,136 @@
+"""Curvature cost, measured side by side in one run.
+
+1. HVP time over gradient time (forward-over-reverse), MLP 784-300-100-10
+   and the small conv net of bench_transforms, batch 128.
+2. Exact Hessian diagonal of a 100,352-parameter leaf (784x128 kernel of an
+   MLP 784-128-10, batch 32): the chunked, vmapped ``hessian_diag`` against
+   the estimate for 100,352 single HVPs (median of single restricted HVPs
+   times the count), and compiled peak memory against ``jax.hessian``.
+3. WoodFisher block inverse: FLOP rate of the Sherman-Morrison scan as a
+   fraction of ``jnp.matmul``'s on the same machine.
+
+Run: python benchmarks/bench_curvature.py
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+from bench_masks import interleaved
+from bench_transforms import conv_loss, init_conv
+
+from jaxsparse import curvature as cv
+from jaxsparse.experiments.runner import init_mlp
+from jaxsparse.experiments.runner import loss_fn as mlp_loss
+
+
+def hvp_ratio(name, params, loss, x, y):
+    grad = jax.jit(lambda p: jax.grad(loss)(p, x, y))
+    v = jax.tree.map(jnp.ones_like, params)
+    prod = jax.jit(lambda p, v: cv.hvp(loss, p, v, x, y))
+    med = interleaved(
+        {"grad": lambda: grad(params), "hvp": lambda: prod(params, v)}, 300
+    )
+    print(
+        f"  {name:<22} grad {med['grad']:.3f} ms, hvp {med['hvp']:.3f} ms, "
+        f"ratio {med['hvp'] / med['grad']:.2f}"
+    )
+
+
+def temp_bytes(fn, *args):
+    analysis = jax.jit(fn).lower(*args).compile().memory_analysis()
+    return analysis.temp_size_in_bytes + analysis.output_size_in_bytes
+
+
+def exact_diagonal():
+    key = jax.random.key(0)
+    params = init_mlp(key, (784, 128, 10))
+    x = jax.random.normal(key, (32, 784))
+    y = jax.random.randint(key, (32,), 0, 10)
+    leaf = params["dense_0"]["kernel"]
+    include = "dense_0/kernel"
+
+    def diag(p):
+        return cv.hessian_diag(mlp_loss, p, x, y, include=include, chunk_size=512)
+
+    run = jax.jit(diag)
+    jax.block_until_ready(run(params))
+    start = time.perf_counter()
+    jax.block_until_ready(run(params))
+    batched = time.perf_counter() - start
+
+    def single(p, i):
+        def leaf_grad(w):
+            q = {**p, "dense_0": {**p["dense_0"], "kernel": w}}
+            return jax.grad(mlp_loss)(q, x, y)["dense_0"]["kernel"]
+
+        basis = jnp.zeros(leaf.size).at[i].set(1.0).reshape(leaf.shape)
+        return jax.jvp(leaf_grad, (leaf,), (basis,))[1].reshape(-1)[i]
+
+    one = jax.jit(single)
+    med = interleaved({"single": lambda: one(params, 17)}, 200)["single"] / 1e3
+    print(
+        f"  exact diagonal of {leaf.size} entries: batched {batched:.2f} s; "
+        f"{leaf.size} single HVPs ~ {med * leaf.size:.1f} s "
+        f"(speed-up {med * leaf.size / batched:.1f}x)"
+    )
+
+    def full_hessian(w):
+        def f(w):
+            return mlp_loss(
+                {**params, "dense_0": {**params["dense_0"], "kernel": w}}, x, y
+            )
+
+        return jax.hessian(f)(w)
+
+    mine = temp_bytes(diag, params)
+    theirs = temp_bytes(full_hessian, leaf)
+    print(
+        f"  compiled memory (temp + output): hessian_diag {mine / 2**20:.1f} MiB, "
+        f"jax.hessian of the leaf {theirs / 2**30:.1f} GiB ({theirs / mine:.0f}x)"
+    )
+
+
+def woodbury_rate():
+    blocks, n, b = 64, 256, 128
+    key = jax.random.key(1)
+    grads = {"w": jax.random.normal(key, (n, blocks * b, 1))}
+    params = {"w": jnp.zeros((blocks * b, 1))}
+    start = cv.woodbury_init(params, block_size=b, damping=1e-3)
+    fold = jax.jit(lambda s, g: cv.woodbury_update(s, g, num_samples=n).blocks["w"])
+    m = 1024
+    a = jax.random.normal(key, (m, m))
+    matmul = jax.jit(lambda a: a @ a)
+    med = interleaved(
+        {"woodbury": lambda: fold(start, grads), "matmul": lambda: matmul(a)}, 20
+    )
+    # Per gradient and block: a @ v (2 B^2), v . av (2 B), outer update (2 B^2).
+    flops_w = blocks * n * (4 * b * b + 2 * b)
+    rate_w = flops_w / (med["woodbury"] / 1e3) / 1e9
+    rate_m = 2 * m**3 / (med["matmul"] / 1e3) / 1e9
+    print(
+        f"  woodbury {blocks} blocks x {b}^2, {n} gradients: {med['woodbury']:.1f} ms, "
+        f"{rate_w:.1f} GFLOP/s; matmul {m}^3: {rate_m:.1f} GFLOP/s; "
+        f"fraction {rate_w / rate_m:.0%}"
+    )
+
+
+def main() -> None:
+    print(f"jax {jax.__version__}, {jax.devices()[0].platform}, {platform.machine()}")
+    key = jax.random.key(0)
+    x = jax.random.normal(key, (128, 784))
+    y = jax.random.randint(key, (128,), 0, 10)
+    print("HVP / gradient time, batch 128, median of 300:")
+    hvp_ratio("MLP 784-300-100-10", init_mlp(key, (784, 300, 100, 10)), mlp_loss, x, y)
+    hvp_ratio("conv net 28x28", init_conv(key), conv_loss, x.reshape(128, 28, 28, 1), y)
+    print("Exact Hessian diagonal:")
+    exact_diagonal()
+    print("WoodFisher inverse:")
+    woodbury_rate()
+
+
+if __name__ == "__main__":
+    main()
