@@ -16,8 +16,10 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -337,8 +339,16 @@ def fisher_diag(grads: Params, *, include: LeafSelector = None) -> Params:
     )
 
 
-class BlockInverse(NamedTuple):
-    """Inverses of diagonal blocks of ``damping * I + F``.
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["blocks"],
+    meta_fields=["block_size", "damping"],
+)
+@dataclasses.dataclass(frozen=True)
+class BlockInverse:
+    """Inverses of diagonal blocks of ``damping * I + F`` (a pytree whose
+    only array data are the blocks; ``block_size`` and ``damping`` are
+    static).
 
     Attributes:
       blocks: a pytree mirroring the params: for each selected leaf an array
@@ -381,14 +391,17 @@ def woodbury_init(
 
 
 def woodbury_update(
-    inverse: BlockInverse, grads: Params, *, num_samples: int
+    inverse: BlockInverse, grads: Params, *, num_samples: int, rank: int = 32
 ) -> BlockInverse:
     """Folds a mini-batch of per-example gradients into the block inverses.
 
     Each gradient ``g`` adds ``g g^T / num_samples`` to ``F``; the inverse
     follows by Sherman-Morrison,
-    ``A^-1 - (A^-1 g)(A^-1 g)^T / (num_samples + g^T A^-1 g)``, one
-    ``lax.scan`` step per gradient, vmapped over blocks. Feeding all
+    ``A^-1 - (A^-1 g)(A^-1 g)^T / (num_samples + g^T A^-1 g)``. ``rank``
+    successive rank-one steps are taken at once with the Woodbury identity
+    ``A^-1 - U (N I + G^T U)^-1 U^T``, ``U = A^-1 G`` (the same recursion,
+    in matrix products rather than matrix-vector ones), one ``lax.scan``
+    step per ``rank`` gradients, vmapped over blocks. Feeding all
     ``num_samples`` gradients in any number of pieces gives
     ``(damping * I + (1/N) sum g g^T)^-1`` per block.
 
@@ -397,6 +410,7 @@ def woodbury_update(
       grads: per-example gradients with a leading batch axis, mirroring the
         params (leaves the inverse does not cover are ignored).
       num_samples: ``N``, the total number of gradients that will be folded.
+      rank: gradients folded per scan step (1 is plain Sherman-Morrison).
 
     Returns:
       The updated :class:`BlockInverse`.
@@ -406,21 +420,31 @@ def woodbury_update(
       1950; Hoefler et al. 2021, §3.5.
     """
     _check_positive_int(num_samples, "num_samples")
+    _check_positive_int(rank, "rank")
     _tree.check_same_tree(
         inverse.blocks, grads, name="grads", ref_name="params", shapes=False
     )
 
     def fold(inv, g):
         blocked = _blocked(g, inverse.block_size).astype(inv.dtype)
+        n = blocked.shape[1]
+        k = min(rank, n)
+        steps = -(-n // k)
+        # Zero gradients leave the inverse unchanged, so padding is exact.
+        blocked = jnp.pad(blocked, ((0, 0), (0, steps * k - n), (0, 0)))
+        chunks = blocked.reshape(blocked.shape[0], steps, k, blocked.shape[2])
+        eye = jnp.eye(k, dtype=inv.dtype)
 
         def per_block(a, gs):
-            def step(a, v):
-                av = a @ v
-                return a - jnp.outer(av, av) / (num_samples + v @ av), None
+            def step(a, g):
+                u = a @ g.T
+                inner = num_samples * eye + g @ u
+                factor = jax.scipy.linalg.cho_factor(inner, lower=True)
+                return a - u @ jax.scipy.linalg.cho_solve(factor, u.T), None
 
             return lax.scan(step, a, gs)[0]
 
-        return jax.vmap(per_block)(inv, blocked)
+        return jax.vmap(per_block)(inv, chunks)
 
     blocks = tree_util.tree_map(
         lambda inv, g: None if inv is None else fold(inv, g),
@@ -428,7 +452,7 @@ def woodbury_update(
         grads,
         is_leaf=_tree.is_none,
     )
-    return inverse._replace(blocks=blocks)
+    return dataclasses.replace(inverse, blocks=blocks)
 
 
 def fisher_inverse(
