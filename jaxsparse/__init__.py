@@ -10,10 +10,12 @@ from jaxsparse import data as data
 from jaxsparse import distribution as distribution
 from jaxsparse import masks as masks
 from jaxsparse import obs as obs
+from jaxsparse import regularizers as regularizers
 from jaxsparse import saliency as saliency
 from jaxsparse import schedules as schedules
 from jaxsparse import structure as structure
 from jaxsparse import transforms as transforms
+from jaxsparse import variational as variational
 from jaxsparse._types import KeyPath as KeyPath
 from jaxsparse._types import LeafSelector as LeafSelector
 from jaxsparse._types import Mask as Mask
@@ -91,6 +93,7 @@ __all__ = (
     "masks",
     "obs",
     "prune",
+    "regularizers",
     "rigl",
     "saliency",
     "schedules",
@@ -101,4 +104,5 @@ __all__ = (
     "structure",
     "topk_mask",
     "transforms",
+    "variational",
 )

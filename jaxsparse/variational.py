@@ -1,0 +1,268 @@
+"""Variational sparsity: sparse variational dropout and structured Bayesian
+pruning, as pure functions and flax nnx modules.
+
+References:
+  Hoefler et al. 2021, §3.7; Molchanov, Ashukha & Vetrov 2017 (Sparse VD);
+  Kingma, Salimans & Welling 2015 (local reparameterization);
+  Neklyudov et al. 2017 (structured Bayesian pruning).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.scipy.special import ndtr, ndtri
+
+K1, K2, K3 = 0.63576, 1.87320, 1.48695
+"""Constants of Molchanov et al.'s approximation of the KL divergence."""
+
+
+def log_alpha(theta: jax.Array, log_sigma2: jax.Array) -> jax.Array:
+    """``log alpha = log sigma^2 - log theta^2`` of ``w ~ N(theta, alpha theta^2)``."""
+    return log_sigma2 - jnp.log(jnp.square(theta) + 1e-8)
+
+
+def svd_kl(theta: jax.Array, log_sigma2: jax.Array) -> jax.Array:
+    """Molchanov et al.'s approximation of ``KL(q(w) || p(w))`` under the
+    log-uniform prior, summed:
+    ``-KL ~ k1 sigmoid(k2 + k3 log alpha) - 0.5 log(1 + 1/alpha) - k1``.
+
+    References:
+      Molchanov et al. 2017, eq. 14.
+    """
+    la = log_alpha(theta, log_sigma2)
+    neg_kl = K1 * jax.nn.sigmoid(K2 + K3 * la) - 0.5 * jax.nn.softplus(-la) - K1
+    return -jnp.sum(neg_kl)
+
+
+def svd_mask(
+    theta: jax.Array, log_sigma2: jax.Array, threshold: float = 3.0
+) -> jax.Array:
+    """Keep where ``log alpha <= threshold`` (3 in the paper)."""
+    return log_alpha(theta, log_sigma2) <= threshold
+
+
+def svd_dense(
+    x: jax.Array,
+    theta: jax.Array,
+    log_sigma2: jax.Array,
+    key: jax.Array | None,
+    *,
+    threshold: float = 3.0,
+) -> jax.Array:
+    """A dense layer ``x @ w`` with ``w ~ N(theta, sigma^2)``.
+
+    With a key, the local reparameterization trick samples the
+    pre-activations: ``mean = x theta``, ``var = x^2 sigma^2``. Without one
+    (test time) it uses ``theta`` masked where ``log alpha > threshold``.
+
+    References:
+      Kingma et al. 2015, §2.3; Molchanov et al. 2017, §4.1.
+    """
+    if key is None:
+        return x @ jnp.where(svd_mask(theta, log_sigma2, threshold), theta, 0.0)
+    mean = x @ theta
+    var = jnp.square(x) @ jnp.exp(log_sigma2)
+    return mean + jnp.sqrt(var + 1e-8) * jax.random.normal(key, mean.shape, mean.dtype)
+
+
+def svd_conv(
+    x: jax.Array,
+    theta: jax.Array,
+    log_sigma2: jax.Array,
+    key: jax.Array | None,
+    *,
+    strides: tuple[int, int] = (1, 1),
+    padding: str = "SAME",
+    threshold: float = 3.0,
+) -> jax.Array:
+    """A 2-D convolution (NHWC inputs, HWIO kernel) with the local
+    reparameterization: ``mean = conv(x, theta)``, ``var = conv(x^2,
+    sigma^2)``; deterministic and masked without a key.
+
+    References:
+      Molchanov et al. 2017, §4.2 (convolutional layers).
+    """
+
+    def conv(a, k):
+        return jax.lax.conv_general_dilated(
+            a, k, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+
+    if key is None:
+        return conv(x, jnp.where(svd_mask(theta, log_sigma2, threshold), theta, 0.0))
+    mean = conv(x, theta)
+    var = conv(jnp.square(x), jnp.exp(log_sigma2))
+    return mean + jnp.sqrt(var + 1e-8) * jax.random.normal(key, mean.shape, mean.dtype)
+
+
+class SVDLinear(nnx.Module):
+    """Dense layer with sparse variational dropout on its weights."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        rngs: nnx.Rngs,
+        log_sigma2: float = -10.0,
+    ):
+        scale = 1.0 / math.sqrt(in_features)
+        self.theta = nnx.Param(
+            jax.random.normal(rngs.params(), (in_features, out_features)) * scale
+        )
+        self.log_sigma2 = nnx.Param(jnp.full((in_features, out_features), log_sigma2))
+        self.bias = nnx.Param(jnp.zeros((out_features,)))
+
+    def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
+        out = svd_dense(x, self.theta[...], self.log_sigma2[...], key)
+        return out + self.bias[...][None, :]
+
+    def kl(self) -> jax.Array:
+        return svd_kl(self.theta[...], self.log_sigma2[...])
+
+    def mask(self, threshold: float = 3.0) -> jax.Array:
+        return svd_mask(self.theta[...], self.log_sigma2[...], threshold)
+
+
+class SVDConv(nnx.Module):
+    """2-D convolution (NHWC, HWIO) with sparse variational dropout."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        kernel_size: tuple[int, int] = (3, 3),
+        *,
+        rngs: nnx.Rngs,
+        log_sigma2: float = -10.0,
+    ):
+        fan_in = in_features * kernel_size[0] * kernel_size[1]
+        shape = (*kernel_size, in_features, out_features)
+        self.theta = nnx.Param(
+            jax.random.normal(rngs.params(), shape) / math.sqrt(fan_in)
+        )
+        self.log_sigma2 = nnx.Param(jnp.full(shape, log_sigma2))
+
+    def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
+        return svd_conv(x, self.theta[...], self.log_sigma2[...], key)
+
+    def kl(self) -> jax.Array:
+        return svd_kl(self.theta[...], self.log_sigma2[...])
+
+
+def _truncation(mu, log_sigma, a, b):
+    sigma = jnp.exp(log_sigma)
+    lo, hi = (a - mu) / sigma, (b - mu) / sigma
+    return sigma, lo, hi, ndtr(hi) - ndtr(lo)
+
+
+def sbp_kl(
+    mu: jax.Array, log_sigma: jax.Array, a: float = -20.0, b: float = 0.0
+) -> jax.Array:
+    """KL from the log-normal noise ``log theta ~ N(mu, sigma^2)`` truncated
+    to ``[a, b]`` to the log-uniform prior on the same interval, summed:
+    ``log(b - a) - log(sigma sqrt(2 pi e)) - log Z - (alpha phi(alpha) -
+    beta phi(beta)) / (2 Z)``.
+
+    References:
+      Neklyudov et al. 2017, "Structured Bayesian pruning via log-normal
+      multiplicative noise", eq. 8.
+    """
+    sigma, lo, hi, z = _truncation(mu, log_sigma, a, b)
+
+    def phi(t):
+        return jnp.exp(-0.5 * jnp.square(t)) / math.sqrt(2 * math.pi)
+
+    kl = (
+        math.log(b - a)
+        - jnp.log(sigma * math.sqrt(2 * math.pi * math.e))
+        - jnp.log(z)
+        - (lo * phi(lo) - hi * phi(hi)) / (2 * z)
+    )
+    return jnp.sum(kl)
+
+
+def sbp_snr(
+    mu: jax.Array, log_sigma: jax.Array, a: float = -20.0, b: float = 0.0
+) -> jax.Array:
+    """Signal-to-noise ratio ``E[theta] / sqrt(Var[theta])`` of the truncated
+    log-normal noise, per group.
+
+    References:
+      Neklyudov et al. 2017, eq. 10.
+    """
+    sigma, lo, hi, z = _truncation(mu, log_sigma, a, b)
+    mean = (
+        (ndtr(sigma - lo) - ndtr(sigma - hi)) / z * jnp.exp(mu + jnp.square(sigma) / 2)
+    )
+    second = (
+        (ndtr(2 * sigma - lo) - ndtr(2 * sigma - hi))
+        / z
+        * jnp.exp(2 * mu + 2 * jnp.square(sigma))
+    )
+    return mean / jnp.sqrt(jnp.maximum(second - jnp.square(mean), 1e-30))
+
+
+def sbp_sample(
+    mu: jax.Array,
+    log_sigma: jax.Array,
+    key: jax.Array,
+    a: float = -20.0,
+    b: float = 0.0,
+) -> jax.Array:
+    """Samples ``theta = exp(mu + sigma Phi^-1(Phi(alpha) + Z u))``."""
+    sigma, lo, _, z = _truncation(mu, log_sigma, a, b)
+    u = jax.random.uniform(key, jnp.shape(mu), jnp.result_type(mu), 1e-6, 1 - 1e-6)
+    return jnp.exp(mu + sigma * ndtri(jnp.clip(ndtr(lo) + z * u, 1e-7, 1 - 1e-7)))
+
+
+def sbp_mean(
+    mu: jax.Array, log_sigma: jax.Array, a: float = -20.0, b: float = 0.0
+) -> jax.Array:
+    """``E[theta]`` of the truncated log-normal noise (test-time multiplier)."""
+    sigma, lo, hi, z = _truncation(mu, log_sigma, a, b)
+    return (
+        (ndtr(sigma - lo) - ndtr(sigma - hi)) / z * jnp.exp(mu + jnp.square(sigma) / 2)
+    )
+
+
+def sbp_mask(
+    mu: jax.Array,
+    log_sigma: jax.Array,
+    threshold: float = 1.0,
+    a: float = -20.0,
+    b: float = 0.0,
+) -> jax.Array:
+    """Keep the groups whose SNR exceeds ``threshold`` (1 in the paper)."""
+    return sbp_snr(mu, log_sigma, a, b) > threshold
+
+
+class SBP(nnx.Module):
+    """Log-normal multiplicative noise on ``features`` units (neurons or
+    channels, the last axis of the input); noisy in training (with a key),
+    ``E[theta]`` masked by SNR at test time."""
+
+    def __init__(self, features: int, *, a: float = -20.0, b: float = 0.0):
+        self.mu = nnx.Param(jnp.zeros((features,)))
+        self.log_sigma = nnx.Param(jnp.full((features,), -5.0))
+        self.a, self.b = a, b
+
+    def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
+        mu, log_sigma = self.mu[...], self.log_sigma[...]
+        if key is None:
+            theta = sbp_mean(mu, log_sigma, self.a, self.b) * sbp_mask(
+                mu, log_sigma, 1.0, self.a, self.b
+            )
+        else:
+            theta = sbp_sample(mu, log_sigma, key, self.a, self.b)
+        return x * theta.reshape((1,) * (x.ndim - 1) + theta.shape)
+
+    def kl(self) -> jax.Array:
+        return sbp_kl(self.mu[...], self.log_sigma[...], self.a, self.b)
+
+    def mask(self, threshold: float = 1.0) -> jax.Array:
+        return sbp_mask(self.mu[...], self.log_sigma[...], threshold, self.a, self.b)
