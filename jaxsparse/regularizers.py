@@ -48,13 +48,19 @@ def _sum_selected(
     return sum(terms) if terms else jnp.zeros(())
 
 
+def _abs(w: jax.Array) -> jax.Array:
+    """``|w|`` whose derivative is ``sign(w)``: 0 at 0, the subgradient a
+    penalty should use (``jnp.abs`` differentiates to 1 there)."""
+    return w * jnp.sign(w)
+
+
 def l1(params: Params, *, include: LeafSelector = None) -> jax.Array:
     """``sum |w|`` over the selected leaves.
 
     References:
       Tibshirani 1996; Hoefler et al. 2021, §3.6.
     """
-    return _sum_selected(lambda w: jnp.sum(jnp.abs(w)), params, include)
+    return _sum_selected(lambda w: jnp.sum(_abs(w)), params, include)
 
 
 Surrogate = Literal["identity", "softplus", "leaky_relu"]
@@ -106,7 +112,7 @@ def l0_ste(
 
     step.defvjp(forward, backward)
     return _sum_selected(
-        lambda w: jnp.sum(step(jnp.abs(w) - threshold)), params, include
+        lambda w: jnp.sum(step(_abs(w) - threshold)), params, include
     )
 
 
@@ -122,7 +128,7 @@ def sigmoid_l0(
     """
     _positive(beta, "beta")
     return _sum_selected(
-        lambda w: jnp.sum(2 * jax.nn.sigmoid(beta * jnp.abs(w)) - 1), params, include
+        lambda w: jnp.sum(2 * jax.nn.sigmoid(beta * _abs(w)) - 1), params, include
     )
 
 
