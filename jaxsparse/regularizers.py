@@ -111,9 +111,7 @@ def l0_ste(
         return (g * _step_surrogate_grad(u, variant, slope),)
 
     step.defvjp(forward, backward)
-    return _sum_selected(
-        lambda w: jnp.sum(step(_abs(w) - threshold)), params, include
-    )
+    return _sum_selected(lambda w: jnp.sum(step(_abs(w) - threshold)), params, include)
 
 
 def sigmoid_l0(

@@ -66,7 +66,7 @@ def svd_dense(
         return x @ jnp.where(svd_mask(theta, log_sigma2, threshold), theta, 0.0)
     mean = x @ theta
     var = jnp.square(x) @ jnp.exp(log_sigma2)
-    return mean + jnp.sqrt(var + 1e-8) * jax.random.normal(key, mean.shape, mean.dtype)
+    return mean + jnp.sqrt(var + 1e-16) * jax.random.normal(key, mean.shape, mean.dtype)
 
 
 def svd_conv(
@@ -96,7 +96,7 @@ def svd_conv(
         return conv(x, jnp.where(svd_mask(theta, log_sigma2, threshold), theta, 0.0))
     mean = conv(x, theta)
     var = conv(jnp.square(x), jnp.exp(log_sigma2))
-    return mean + jnp.sqrt(var + 1e-8) * jax.random.normal(key, mean.shape, mean.dtype)
+    return mean + jnp.sqrt(var + 1e-16) * jax.random.normal(key, mean.shape, mean.dtype)
 
 
 class SVDLinear(nnx.Module):
@@ -160,6 +160,15 @@ def _truncation(mu, log_sigma, a, b):
     return sigma, lo, hi, ndtr(hi) - ndtr(lo)
 
 
+def _moment(mu, log_sigma, a, b, k: int) -> jax.Array:
+    """``E[theta^k]`` of the truncated log-normal, as ``Phi(hi - k sigma) -
+    Phi(lo - k sigma)`` rather than its mirror image, which cancels in
+    floating point when ``k sigma`` is large."""
+    sigma, lo, hi, z = _truncation(mu, log_sigma, a, b)
+    mass = ndtr(hi - k * sigma) - ndtr(lo - k * sigma)
+    return mass / z * jnp.exp(k * mu + jnp.square(k * sigma) / 2)
+
+
 def sbp_kl(
     mu: jax.Array, log_sigma: jax.Array, a: float = -20.0, b: float = 0.0
 ) -> jax.Array:
@@ -195,15 +204,8 @@ def sbp_snr(
     References:
       Neklyudov et al. 2017, eq. 10.
     """
-    sigma, lo, hi, z = _truncation(mu, log_sigma, a, b)
-    mean = (
-        (ndtr(sigma - lo) - ndtr(sigma - hi)) / z * jnp.exp(mu + jnp.square(sigma) / 2)
-    )
-    second = (
-        (ndtr(2 * sigma - lo) - ndtr(2 * sigma - hi))
-        / z
-        * jnp.exp(2 * mu + 2 * jnp.square(sigma))
-    )
+    mean = _moment(mu, log_sigma, a, b, 1)
+    second = _moment(mu, log_sigma, a, b, 2)
     return mean / jnp.sqrt(jnp.maximum(second - jnp.square(mean), 1e-30))
 
 
@@ -224,10 +226,7 @@ def sbp_mean(
     mu: jax.Array, log_sigma: jax.Array, a: float = -20.0, b: float = 0.0
 ) -> jax.Array:
     """``E[theta]`` of the truncated log-normal noise (test-time multiplier)."""
-    sigma, lo, hi, z = _truncation(mu, log_sigma, a, b)
-    return (
-        (ndtr(sigma - lo) - ndtr(sigma - hi)) / z * jnp.exp(mu + jnp.square(sigma) / 2)
-    )
+    return _moment(mu, log_sigma, a, b, 1)
 
 
 def sbp_mask(
