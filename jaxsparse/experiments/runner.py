@@ -322,14 +322,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--experiment",
-        choices=("one-shot", "schedules", "second-order"),
+        choices=("one-shot", "schedules", "second-order", "regularized"),
         default="one-shot",
         help="one-shot: prune a trained model to several sparsities and "
         "fine-tune; schedules: compare dense, one-shot, gradual, IHT, RigL "
         "and SET at one sparsity with the same number of steps; "
         "second-order: one-shot pruning without fine-tuning by magnitude, "
         "Fisher diagonal, OBD, OBS and WoodFisher (MLP 64-64-10, 150 epochs; "
-        "--seeds and --sparsities apply)",
+        "--seeds and --sparsities apply); regularized: penalties, proximal "
+        "steps, L0 gates, learned thresholds, Sparse VD and SBP (--seeds "
+        "applies)",
     )
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument(
@@ -381,7 +383,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     start = time.perf_counter()
     model = f"digits MLP {'-'.join(map(str, (64, *config.hidden, 10)))}"
-    if args.experiment == "second-order":
+    if args.experiment == "regularized":
+        from jaxsparse.experiments.regularized import (
+            format_regularized,
+            run_regularized,
+        )
+
+        rows = run_regularized(args.seeds)
+        print(f"digits MLP 64-256-128-10, 120 epochs per method, seeds {args.seeds}")
+        print(format_regularized(rows))
+    elif args.experiment == "second-order":
         from jaxsparse.experiments.second_order import (
             format_second_order,
             run_second_order,
