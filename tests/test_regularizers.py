@@ -221,3 +221,22 @@ def test_transforms_need_params():
     prox = rg.proximal_l1(0.1, 0.1)
     with pytest.raises(ValueError, match="proximal_l1 needs the params"):
         prox.update(params(), prox.init(params()))
+
+
+def test_hard_concrete_gates_per_group_expand_to_weights():
+    # One gate per output neuron of a (3, 4) kernel: expand with the
+    # granularity that defines the groups.
+    log_alpha = jnp.array([-9.0, 9.0, -9.0, 9.0])
+    gates = rg.hard_concrete_gates(log_alpha)
+    weights = js.Channel(-1).expand(gates, (3, 4))
+    np.testing.assert_array_equal(np.asarray(weights), [[0.0, 1.0, 0.0, 1.0]] * 3)
+    sample = rg.hard_concrete_sample(log_alpha, jax.random.key(0))
+    assert sample.shape == (4,)
+
+
+def test_thresholds_per_group_broadcast():
+    p = {"w": jnp.array([[0.2, 0.2], [-0.5, 0.5]])}
+    t = {"w": jnp.array([[0.3, 0.1]])}  # one threshold per output neuron
+    out = np.asarray(rg.apply_thresholds(p, t, 1000.0)["w"])
+    assert abs(out[0, 0]) < 1e-3 and out[0, 1] == pytest.approx(0.2, abs=1e-3)
+    assert out[1, 0] == pytest.approx(-0.5, abs=1e-3)
