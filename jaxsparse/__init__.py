@@ -8,6 +8,7 @@ used are re-exported here.
 from jaxsparse import curvature as curvature
 from jaxsparse import data as data
 from jaxsparse import distribution as distribution
+from jaxsparse import formats as formats
 from jaxsparse import masks as masks
 from jaxsparse import obs as obs
 from jaxsparse import regularizers as regularizers
@@ -87,6 +88,7 @@ __all__ = (
     "dense_mask",
     "distribution",
     "dynamic_sparse",
+    "formats",
     "global_mask",
     "keep_masked",
     "layerwise_mask",
