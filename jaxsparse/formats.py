@@ -583,10 +583,36 @@ def to_bcsr(x):
     return sparse.BCSR.fromdense(x)
 
 
-def sparse_dense_layer(x, kernel_sparse, bias=None):
-    """``x @ kernel + bias`` with the kernel in BCOO or BCSR (the sparse
-    operand on the right, computed as ``(kernel^T x^T)^T``)."""
+def sparse_kernel(kernel, *, format: str = "bcsr"):
+    """A dense layer's ``(in, out)`` kernel as a sparse ``(out, in)`` matrix
+    (BCSR or BCOO), ready for :func:`sparse_dense_layer`: the sparse operand
+    goes on the left, where both formats multiply."""
+    if np.ndim(kernel) != 2:
+        raise ValueError(f"a dense kernel is 2-D, got shape {np.shape(kernel)}")
+    if format == "bcsr":
+        return to_bcsr(kernel.T)
+    if format == "bcoo":
+        return to_bcoo(kernel.T)
+    raise ValueError(f"format must be 'bcsr' or 'bcoo', got {format!r}")
+
+
+def sparse_kernel(kernel, *, format: str = "bcsr"):
+    """A dense layer's ``(in, out)`` kernel as a sparse ``(out, in)`` matrix
+    (BCSR or BCOO), ready for :func:`sparse_dense_layer`: the sparse operand
+    goes on the left, where both formats multiply."""
+    if np.ndim(kernel) != 2:
+        raise ValueError(f"a dense kernel is 2-D, got shape {np.shape(kernel)}")
+    if format == "bcsr":
+        return to_bcsr(kernel.T)
+    if format == "bcoo":
+        return to_bcoo(kernel.T)
+    raise ValueError(f"format must be 'bcsr' or 'bcoo', got {format!r}")
+
+
+def sparse_dense_layer(x, kernel_t, bias=None):
+    """``x @ kernel + bias`` from :func:`sparse_kernel`'s transposed sparse
+    kernel, computed as ``(kernel^T x^T)^T``."""
     import jax.numpy as jnp
 
-    out = (kernel_sparse.T @ jnp.asarray(x).T).T
+    out = (kernel_t @ jnp.asarray(x).T).T
     return out if bias is None else out + bias[None, :]
