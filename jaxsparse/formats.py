@@ -596,19 +596,6 @@ def sparse_kernel(kernel, *, format: str = "bcsr"):
     raise ValueError(f"format must be 'bcsr' or 'bcoo', got {format!r}")
 
 
-def sparse_kernel(kernel, *, format: str = "bcsr"):
-    """A dense layer's ``(in, out)`` kernel as a sparse ``(out, in)`` matrix
-    (BCSR or BCOO), ready for :func:`sparse_dense_layer`: the sparse operand
-    goes on the left, where both formats multiply."""
-    if np.ndim(kernel) != 2:
-        raise ValueError(f"a dense kernel is 2-D, got shape {np.shape(kernel)}")
-    if format == "bcsr":
-        return to_bcsr(kernel.T)
-    if format == "bcoo":
-        return to_bcoo(kernel.T)
-    raise ValueError(f"format must be 'bcsr' or 'bcoo', got {format!r}")
-
-
 def sparse_dense_layer(x, kernel_t, bias=None):
     """``x @ kernel + bias`` from :func:`sparse_kernel`'s transposed sparse
     kernel, computed as ``(kernel^T x^T)^T``."""
