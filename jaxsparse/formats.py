@@ -176,12 +176,12 @@ def encode(x, format: str, *, k: int | None = None, block=None, nm=None) -> Enco
         if format == "csc":
             matrix = matrix.T
         r, c = np.nonzero(matrix)
-        pointer = np.zeros(matrix.shape[0] + 1, index_dtype(m + 1))
-        np.add.at(pointer, r + 1, 1)
+        counts = np.bincount(r, minlength=matrix.shape[0])
+        pointer = np.concatenate([[0], np.cumsum(counts)])
         return make(
             {
                 "indices": c.astype(index_dtype(matrix.shape[1])),
-                "pointer": np.cumsum(pointer).astype(index_dtype(m + 1)),
+                "pointer": pointer.astype(index_dtype(m + 1)),
                 "values": matrix[r, c],
             },
             {},
@@ -200,13 +200,12 @@ def encode(x, format: str, *, k: int | None = None, block=None, nm=None) -> Enco
         blocks = flat.reshape(rows // br, br, cols // bc, bc).transpose(0, 2, 1, 3)
         nonzero = np.any(blocks != 0, axis=(2, 3))
         r, c = np.nonzero(nonzero)
-        pointer = np.zeros(rows // br + 1, np.int64)
-        np.add.at(pointer, r + 1, 1)
+        pointer = np.concatenate([[0], np.cumsum(np.bincount(r, minlength=rows // br))])
         mb = r.size
         return make(
             {
                 "indices": c.astype(index_dtype(cols // bc)),
-                "pointer": np.cumsum(pointer).astype(index_dtype(mb + 1)),
+                "pointer": pointer.astype(index_dtype(mb + 1)),
                 "values": blocks[r, c].reshape(-1),
             },
             {"block_rows": br, "block_cols": bc},
