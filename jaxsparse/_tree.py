@@ -130,3 +130,11 @@ def check_sparsity(sparsity: Any, *, where: str = "sparsity") -> None:
     value = concrete_float(sparsity)
     if value is not None and not 0.0 <= value < 1.0:
         raise ValueError(f"{where} must be in [0, 1), got {value!r}")
+
+
+def need_params(params: Any, name: str) -> None:
+    """Raises ``ValueError`` when a transform that needs params gets none."""
+    if params is None:
+        raise ValueError(
+            f"{name} needs the params: call update(updates, state, params)"
+        )

@@ -40,6 +40,8 @@ from typing import Any
 
 import numpy as np
 
+from jaxsparse import _tree
+
 FORMATS = ("dense", "bitmap", "coo", "delta", "padded_delta", "csr", "csc")
 _HEADER_FIELD_BITS = 64
 
@@ -545,8 +547,6 @@ def storage_report(params, *, k: int | None = None, formats=FORMATS) -> StorageR
       k: bits per value (default: each leaf's dtype width).
       formats: the formats to consider.
     """
-    from jaxsparse import _tree
-
     leaves = []
     for path, x in _tree.leaves_with_path(params):
         if x is None:

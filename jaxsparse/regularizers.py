@@ -301,6 +301,15 @@ class PenaltyState(NamedTuple):
     count: jax.Array
 
 
+def _init_count(params: Params) -> PenaltyState:
+    del params
+    return PenaltyState(jnp.zeros((), jnp.int32))
+
+
+def _value_at(value: optax.ScalarOrSchedule, count: jax.Array):
+    return value(count) if callable(value) else value
+
+
 def add_penalty(
     penalty_fn: Callable[[Params], jax.Array], strength: optax.ScalarOrSchedule
 ) -> optax.GradientTransformation:
@@ -314,40 +323,26 @@ def add_penalty(
     """
     _non_negative(strength, "strength")
 
-    def init(params):
-        del params
-        return PenaltyState(jnp.zeros((), jnp.int32))
-
     def update(updates, state, params=None):
-        if params is None:
-            raise ValueError(
-                "add_penalty needs the params: call update(updates, state, params)"
-            )
-        scale = strength(state.count) if callable(strength) else strength
+        _tree.need_params(params, "add_penalty")
+        scale = _value_at(strength, state.count)
         grads = jax.grad(penalty_fn)(params)
         updates = tree_util.tree_map(
             lambda u, g: u + (scale * g).astype(u.dtype), updates, grads
         )
         return updates, PenaltyState(optax.safe_increment(state.count))
 
-    return optax.GradientTransformation(init, update)
+    return optax.GradientTransformation(_init_count, update)
 
 
 def _proximal(name, shrink, learning_rate, strength):
     _non_negative(strength, "strength")
     _non_negative(learning_rate, "learning_rate")
 
-    def init(params):
-        del params
-        return PenaltyState(jnp.zeros((), jnp.int32))
-
     def update(updates, state, params=None):
-        if params is None:
-            raise ValueError(
-                f"{name} needs the params: call update(updates, state, params)"
-            )
-        lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
-        lam = strength(state.count) if callable(strength) else strength
+        _tree.need_params(params, name)
+        lr = _value_at(learning_rate, state.count)
+        lam = _value_at(strength, state.count)
         new = shrink(optax.apply_updates(params, updates), lr * lam)
         updates = tree_util.tree_map(
             lambda n, p, u: u if n is None else (n - p).astype(u.dtype),
@@ -358,7 +353,7 @@ def _proximal(name, shrink, learning_rate, strength):
         )
         return updates, PenaltyState(optax.safe_increment(state.count))
 
-    return optax.GradientTransformation(init, update)
+    return optax.GradientTransformation(_init_count, update)
 
 
 def soft_threshold(w: jax.Array, tau: jax.Array) -> jax.Array:

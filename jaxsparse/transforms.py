@@ -86,13 +86,6 @@ def _key_array(key: Any, needed: bool, name: str) -> jax.Array:
     return jnp.asarray(key, jnp.uint32)
 
 
-def _need_params(params: Params | None, name: str) -> None:
-    if params is None:
-        raise ValueError(
-            f"{name} needs the params: call update(updates, state, params)"
-        )
-
-
 def _masked_updates(updates: Any, mask: Mask, params: Params) -> Any:
     """Kept entries take the update, pruned ones ``-param`` (exact zero)."""
     return tree_util.tree_map(
@@ -157,7 +150,7 @@ def keep_masked(mask: Mask) -> optax.GradientTransformation:
         return KeepMaskedState(mask)
 
     def update(updates, state, params=None):
-        _need_params(params, "keep_masked")
+        _tree.need_params(params, "keep_masked")
         return _masked_updates(updates, state.mask, params), state
 
     return optax.GradientTransformation(init, update)
@@ -254,7 +247,7 @@ def _chain_form(rule: _MaskRule, key: Any, name: str):
         )
 
     def update(updates, state, params=None, **extra):
-        _need_params(params, name)
+        _tree.need_params(params, name)
         mask, schedule_state, _ = rule.step(
             state.count,
             state.mask,
@@ -359,7 +352,7 @@ def _wrapper_form(inner: optax.GradientTransformation, rule: _MaskRule, key, nam
         )
 
     def update(grads, state, params=None, **extra):
-        _need_params(params, name)
+        _tree.need_params(params, name)
         mask, schedule_state, may_change = rule.step(
             state.count,
             state.mask,
