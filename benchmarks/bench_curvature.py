@@ -23,8 +23,8 @@ from bench_masks import interleaved
 from bench_transforms import conv_loss, init_conv
 
 from jaxsparse import curvature as cv
-from jaxsparse.experiments.runner import init_mlp
-from jaxsparse.experiments.runner import loss_fn as mlp_loss
+from jaxsparse.experiments.models import init_mlp
+from jaxsparse.experiments.models import loss_fn as mlp_loss
 
 
 def hvp_ratio(name, params, loss, x, y):

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 
 import jaxsparse as js
-from jaxsparse.experiments.runner import init_mlp, loss_fn
+from jaxsparse.experiments.models import init_mlp, loss_fn
 
 
 def argsort_mask(params, sparsity):

@@ -20,8 +20,8 @@ import optax
 from bench_masks import interleaved
 
 import jaxsparse as js
-from jaxsparse.experiments.runner import init_mlp
-from jaxsparse.experiments.runner import loss_fn as mlp_loss
+from jaxsparse.experiments.models import init_mlp
+from jaxsparse.experiments.models import loss_fn as mlp_loss
 
 
 def init_conv(key):

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import optax
 
 import jaxsparse as js
-from jaxsparse.experiments.runner import init_mlp, loss_fn, mlp
+from jaxsparse.experiments.models import init_mlp, loss_fn, mlp
 from jaxsparse.schedules import Phase
 
 

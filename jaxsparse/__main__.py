@@ -1,6 +1,6 @@
 """``python -m jaxsparse``: compare pruning methods on the embedded digits."""
 
-from jaxsparse.experiments.runner import main
+from jaxsparse.experiments.cli import main
 
 if __name__ == "__main__":
     main()

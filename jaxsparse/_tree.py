@@ -3,6 +3,7 @@ mask-tree checks and concrete-number checks."""
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -138,3 +139,42 @@ def need_params(params: Any, name: str) -> None:
         raise ValueError(
             f"{name} needs the params: call update(updates, state, params)"
         )
+
+
+def check_positive_int(value: Any, name: str) -> None:
+    """Raises ``ValueError`` unless ``value`` is an ``int`` above 0 (``bool``
+    is refused: ``True`` is an int to Python but never meant as a count)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def check_positive(value: Any, name: str) -> None:
+    """Raises ``ValueError`` unless a concrete ``value`` is above 0 (a traced
+    value passes through)."""
+    number = concrete_float(value)
+    if number is not None and not number > 0.0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+
+
+def keyword_caller(
+    fn: Callable[..., Any], name: str
+) -> tuple[Callable[..., Any], set[str] | None]:
+    """Wraps ``fn`` to be called by keyword with whatever is available,
+    passing only the arguments it names (all of them if it takes
+    ``**kwargs``).
+
+    Returns:
+      ``(call, wanted)``: ``wanted`` is the set of names ``fn`` takes, or
+      ``None`` when it takes every keyword.
+    """
+    if not callable(fn):
+        raise TypeError(f"{name} must be callable, got {fn!r}")
+    parameters = inspect.signature(fn).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return (lambda **available: fn(**available)), None
+    wanted = {p.name for p in parameters}
+
+    def call(**available):
+        return fn(**{k: v for k, v in available.items() if k in wanted})
+
+    return call, wanted

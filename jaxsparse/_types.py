@@ -33,3 +33,11 @@ LeafSelector: TypeAlias = Callable[[KeyPath, jax.Array], bool] | str | None
 """Which leaves are pruned: ``None`` (arrays with ``ndim >= 2``), a predicate
 on ``(key_path, leaf)``, or a regular expression searched for in the
 ``/``-joined key path (``"Dense_0/kernel"``)."""
+
+LossFn: TypeAlias = Callable[..., jax.Array]
+"""``loss_fn(params, *batch) -> scalar``: the params first, then the batch."""
+
+Criterion: TypeAlias = Callable[..., Scores]
+"""``criterion(params=..., grads=..., key=..., **extra) -> scores``: called
+by keyword, taking only the arguments it names (``js.saliency.magnitude``
+takes ``params``; ``taylor`` takes ``params`` and ``grads``)."""

@@ -4,20 +4,18 @@ Hessian-vector products are forward-over-reverse (``jax.jvp`` of
 ``jax.grad``). Exact Hessian diagonals and dense blocks come from vmapped
 HVPs in memory-bounded chunks, restricted to one leaf at a time; the
 generalized Gauss-Newton diagonal for softmax cross-entropy takes ``C``
-vector-Jacobian products per example. Empirical-Fisher blocks are inverted
-by Sherman-Morrison rank-one updates (WoodFisher) or by Cholesky.
+vector-Jacobian products per example. The empirical Fisher lives in
+:mod:`jaxsparse.fisher`, block inverses in :mod:`jaxsparse.blocks`.
 
 Loss functions take the params first: ``loss_fn(params, *args) -> scalar``.
 
 References:
   Hoefler et al. 2021, §3.5; Pearlmutter 1994 (fast exact HVPs);
-  Martens 2020 (GGN); Hutchinson 1990; Singh & Alistarh 2020 (WoodFisher).
+  Martens 2020 (GGN); Hutchinson 1990.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -26,19 +24,8 @@ import jax.numpy as jnp
 from jax import lax, tree_util
 
 from jaxsparse import _tree
-from jaxsparse._types import KeyPath, LeafSelector, Params
-
-LossFn = Callable[..., jax.Array]
-
-
-def _check_positive_int(value: Any, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
-def _check_damping(damping: float) -> None:
-    if not float(damping) > 0.0:
-        raise ValueError(f"damping must be > 0, got {damping!r}")
+from jaxsparse._types import KeyPath, LeafSelector, LossFn, Mask, Params
+from jaxsparse.blocks import BlockInverse, blocked, stack
 
 
 def hvp(loss_fn: LossFn, params: Params, v: Params, *args: Any) -> Params:
@@ -137,7 +124,7 @@ def hessian_diag(
     References:
       LeCun et al. 1990 (OBD needs the diagonal); Hoefler et al. 2021, §3.5.
     """
-    _check_positive_int(chunk_size, "chunk_size")
+    _tree.check_positive_int(chunk_size, "chunk_size")
 
     def diag(path, leaf):
         rows = jnp.arange(leaf.size)
@@ -173,7 +160,7 @@ def hessian_block(
     Raises:
       ValueError: an unknown leaf path or a chunk size that is not positive.
     """
-    _check_positive_int(chunk_size, "chunk_size")
+    _tree.check_positive_int(chunk_size, "chunk_size")
     found = [
         (p, x)
         for p, x in tree_util.tree_flatten_with_path(params)[0]
@@ -216,7 +203,7 @@ def hutchinson_diag(
     References:
       Hutchinson 1990; Bekas et al. 2007; Hoefler et al. 2021, §3.5.
     """
-    _check_positive_int(samples, "samples")
+    _tree.check_positive_int(samples, "samples")
     leaves, treedef = tree_util.tree_flatten(params)
 
     def probe(k):
@@ -268,7 +255,7 @@ def ggn_diag_softmax_ce(
       Martens 2020, "New insights and perspectives on the natural gradient
       method", §8; Schraudolph 2002; Hoefler et al. 2021, §3.5.
     """
-    _check_positive_int(chunk_size, "chunk_size")
+    _tree.check_positive_int(chunk_size, "chunk_size")
     n = x.shape[0]
 
     def one(xi):
@@ -301,233 +288,6 @@ def ggn_diag_softmax_ce(
     return _tree.map_selected(lambda p, _: flat[p], params, include)
 
 
-def per_example_grads(loss_fn: LossFn, params: Params, *batch: jax.Array) -> Params:
-    """Gradients of each example's loss, stacked along a new leading axis.
-
-    ``loss_fn(params, *batch)`` is the usual batched (mean) loss; each
-    example is fed as a batch of one, so any batched model works.
-
-    Returns:
-      A pytree mirroring ``params`` whose leaves have a leading axis of the
-      batch size.
-    """
-    if not batch:
-        raise ValueError("per_example_grads needs a batch")
-
-    def one(*example):
-        return jax.grad(loss_fn)(params, *(e[None] for e in example))
-
-    return jax.vmap(one)(*batch)
-
-
-def _map_per_example(fn, grads: Params, include: LeafSelector) -> Params:
-    """``fn(path, g)`` on the per-example gradient leaves whose parameter
-    (the leaf without its leading axis) ``include`` selects."""
-    one = tree_util.tree_map(lambda g: g[0], grads)
-    chosen = {p for p, _ in _tree.selected(one, include)}
-    return tree_util.tree_map_with_path(
-        lambda p, g: fn(p, g) if p in chosen else None, grads
-    )
-
-
-def fisher_diag(grads: Params, *, include: LeafSelector = None) -> Params:
-    """Empirical Fisher diagonal ``mean_n g_n^2`` from per-example gradients
-    (leading axis ``N``, as :func:`per_example_grads` returns); ``include``
-    selects by the parameter's own shape."""
-    return _map_per_example(
-        lambda _, g: jnp.mean(jnp.square(g), axis=0), grads, include
-    )
-
-
-@functools.partial(
-    jax.tree_util.register_dataclass,
-    data_fields=["blocks"],
-    meta_fields=["block_size", "damping"],
-)
-@dataclasses.dataclass(frozen=True)
-class BlockInverse:
-    """Inverses of diagonal blocks of ``damping * I + F`` (a pytree whose
-    only array data are the blocks; ``block_size`` and ``damping`` are
-    static).
-
-    Attributes:
-      blocks: a pytree mirroring the params: for each selected leaf an array
-        ``(n_blocks, B, B)`` covering its flattened entries in consecutive
-        runs of ``B`` (the last run zero-padded), ``None`` elsewhere.
-      block_size: ``B``.
-      damping: ``lambda``.
-    """
-
-    blocks: Any
-    block_size: int
-    damping: float
-
-
-def _blocked(g: jax.Array, block_size: int) -> jax.Array:
-    """``(N, *shape)`` -> ``(n_blocks, N, B)``, zero-padded."""
-    n = g.shape[0]
-    flat = g.reshape(n, -1)
-    size = flat.shape[1]
-    blocks = -(-size // block_size)
-    flat = jnp.pad(flat, ((0, 0), (0, blocks * block_size - size)))
-    return flat.reshape(n, blocks, block_size).transpose(1, 0, 2)
-
-
-def woodbury_init(
-    params: Params, *, block_size: int, damping: float, include: LeafSelector = None
-) -> BlockInverse:
-    """The starting point ``lambda^-1 I`` of the Sherman-Morrison recursion."""
-    _check_positive_int(block_size, "block_size")
-    _check_damping(damping)
-
-    def eye(_, x):
-        blocks = -(-x.size // block_size)
-        return jnp.broadcast_to(
-            jnp.eye(block_size, dtype=x.dtype) / damping,
-            (blocks, block_size, block_size),
-        )
-
-    return BlockInverse(_tree.map_selected(eye, params, include), block_size, damping)
-
-
-def woodbury_update(
-    inverse: BlockInverse, grads: Params, *, num_samples: int, rank: int = 32
-) -> BlockInverse:
-    """Folds a mini-batch of per-example gradients into the block inverses.
-
-    Each gradient ``g`` adds ``g g^T / num_samples`` to ``F``; the inverse
-    follows by Sherman-Morrison,
-    ``A^-1 - (A^-1 g)(A^-1 g)^T / (num_samples + g^T A^-1 g)``. ``rank``
-    successive rank-one steps are taken at once with the Woodbury identity
-    ``A^-1 - U (N I + G^T U)^-1 U^T``, ``U = A^-1 G`` (the same recursion,
-    in matrix products rather than matrix-vector ones), one ``lax.scan``
-    step per ``rank`` gradients, vmapped over blocks. Feeding all
-    ``num_samples`` gradients in any number of pieces gives
-    ``(damping * I + (1/N) sum g g^T)^-1`` per block.
-
-    Args:
-      inverse: the running inverse (from :func:`woodbury_init`).
-      grads: per-example gradients with a leading batch axis, mirroring the
-        params (leaves the inverse does not cover are ignored).
-      num_samples: ``N``, the total number of gradients that will be folded.
-      rank: gradients folded per scan step (1 is plain Sherman-Morrison).
-
-    Returns:
-      The updated :class:`BlockInverse`.
-
-    References:
-      Singh & Alistarh 2020, "WoodFisher", §3 (eq. 11); Sherman & Morrison
-      1950; Hoefler et al. 2021, §3.5.
-    """
-    _check_positive_int(num_samples, "num_samples")
-    _check_positive_int(rank, "rank")
-    _tree.check_same_tree(
-        inverse.blocks, grads, name="grads", ref_name="params", shapes=False
-    )
-
-    def fold(inv, g):
-        blocked = _blocked(g, inverse.block_size).astype(inv.dtype)
-        n = blocked.shape[1]
-        k = min(rank, n)
-        steps = -(-n // k)
-        # Zero gradients leave the inverse unchanged, so padding is exact.
-        blocked = jnp.pad(blocked, ((0, 0), (0, steps * k - n), (0, 0)))
-        chunks = blocked.reshape(blocked.shape[0], steps, k, blocked.shape[2])
-        eye = jnp.eye(k, dtype=inv.dtype)
-
-        def per_block(a, gs):
-            def step(a, g):
-                u = a @ g.T
-                inner = num_samples * eye + g @ u
-                factor = jax.scipy.linalg.cho_factor(inner, lower=True)
-                return a - u @ jax.scipy.linalg.cho_solve(factor, u.T), None
-
-            return lax.scan(step, a, gs)[0]
-
-        return jax.vmap(per_block)(inv, chunks)
-
-    blocks = tree_util.tree_map(
-        lambda inv, g: None if inv is None else fold(inv, g),
-        inverse.blocks,
-        grads,
-        is_leaf=_tree.is_none,
-    )
-    return dataclasses.replace(inverse, blocks=blocks)
-
-
-def fisher_inverse(
-    grads: Params,
-    *,
-    block_size: int,
-    damping: float,
-    include: LeafSelector = None,
-    method: str = "auto",
-) -> BlockInverse:
-    """Block-diagonal ``(damping * I + F)^-1`` of the empirical Fisher
-    ``F = (1/N) sum g g^T`` from per-example gradients in one batch.
-
-    Args:
-      grads: per-example gradients (leading axis ``N``) mirroring the params.
-      block_size: ``B``, consecutive flattened entries per block (per leaf).
-      damping: ``lambda > 0``.
-      include: which leaves, judged by the parameter's shape (default:
-        ``ndim >= 2``).
-      method: ``"woodbury"`` (N rank-one updates), ``"cholesky"`` (form each
-        block and factor it) or ``"auto"`` (Cholesky when ``N >= B``).
-
-    Returns:
-      A :class:`BlockInverse`.
-
-    References:
-      Singh & Alistarh 2020 (WoodFisher); Hoefler et al. 2021, §3.5.
-    """
-    _check_positive_int(block_size, "block_size")
-    _check_damping(damping)
-    if method not in ("auto", "woodbury", "cholesky"):
-        raise ValueError(f"method must be auto, woodbury or cholesky, got {method!r}")
-    n = tree_util.tree_leaves(grads)[0].shape[0]
-    if method == "auto":
-        method = "cholesky" if n >= block_size else "woodbury"
-    if method == "woodbury":
-        start = woodbury_init(
-            tree_util.tree_map(lambda g: g[0], grads),
-            block_size=block_size,
-            damping=damping,
-            include=include,
-        )
-        return woodbury_update(start, grads, num_samples=n)
-
-    def cholesky(_, g):
-        eye = jnp.eye(block_size, dtype=g.dtype)
-
-        def invert(gs):
-            f = damping * eye + gs.T @ gs / n
-            return jax.scipy.linalg.cho_solve(
-                jax.scipy.linalg.cho_factor(f, lower=True), eye
-            )
-
-        return jax.vmap(invert)(_blocked(g, block_size))
-
-    return BlockInverse(_map_per_example(cholesky, grads, include), block_size, damping)
-
-
-def block_diagonal(inverse: BlockInverse, params: Params) -> Params:
-    """The diagonal of the block inverse, shaped like each leaf
-    (``[H^-1]_qq`` for OBS saliencies)."""
-    return tree_util.tree_map(
-        lambda b, x: (
-            None
-            if b is None
-            else jnp.diagonal(b, axis1=1, axis2=2)
-            .reshape(-1)[: x.size]
-            .reshape(x.shape)
-        ),
-        inverse.blocks,
-        params,
-        is_leaf=_tree.is_none,
-    )
-
-
 def inverse_hvp_cg(
     loss_fn: LossFn,
     params: Params,
@@ -545,7 +305,7 @@ def inverse_hvp_cg(
     References:
       Martens 2010 (Hessian-free); Hoefler et al. 2021, §3.5.
     """
-    _check_damping(damping)
+    _tree.check_positive(damping, "damping")
     _tree.check_same_tree(params, v, name="v", ref_name="params")
 
     def matvec(u):
@@ -563,6 +323,7 @@ def hessian_inverse(
     block_size: int | None = None,
     include: LeafSelector = None,
     chunk_size: int = 256,
+    mask: Mask = None,
 ) -> BlockInverse:
     """Block-diagonal ``(H + damping * I)^-1`` from exact Hessian blocks.
 
@@ -578,6 +339,11 @@ def hessian_inverse(
       block_size: entries per block; ``None`` for one block per leaf.
       include: which leaves.
       chunk_size: basis vectors per vmapped HVP batch.
+      mask: optional, mirroring the params: the Hessian of the kept entries
+        only (pruned rows and columns dropped), so each block is
+        ``(H_SS + damping I)^-1`` on the survivors ``S`` and
+        ``damping^-1 I`` on the rest. :func:`jaxsparse.obs.obs_prune`
+        passes its mask to an inverse function that takes ``mask``.
 
     Returns:
       A :class:`BlockInverse` (with ``block_size`` the largest leaf's size
@@ -586,15 +352,15 @@ def hessian_inverse(
     References:
       Hassibi & Stork 1992 (OBS); Hoefler et al. 2021, §3.5.
     """
-    _check_damping(damping)
-    _check_positive_int(chunk_size, "chunk_size")
+    _tree.check_positive(damping, "damping")
+    _tree.check_positive_int(chunk_size, "chunk_size")
     chosen = list(_tree.selected(params, include))
     if not chosen:
         raise ValueError("no leaf selected")
     size = block_size or max(x.size for _, x in chosen)
-    _check_positive_int(size, "block_size")
+    _tree.check_positive_int(size, "block_size")
 
-    def invert(path, leaf):
+    def block(path, leaf):
         n_blocks = -(-leaf.size // size)
         pad = n_blocks * size - leaf.size
 
@@ -613,8 +379,27 @@ def hessian_inverse(
             chunk_size,
             own_block,
         )
-        blocks = jnp.pad(rows, ((0, pad), (0, 0))).reshape(n_blocks, size, size)
-        eye = jnp.eye(size, dtype=leaf.dtype)
-        return jnp.linalg.inv(blocks + damping * eye[None])
+        return jnp.pad(rows, ((0, pad), (0, 0))).reshape(n_blocks, size, size)
 
-    return BlockInverse(_tree.map_selected(invert, params, include), size, damping)
+    blocks, split = stack(_tree.map_selected(block, params, include))
+    if mask is not None:
+        _tree.check_same_tree(params, mask, name="mask", ref_name="params")
+        kept = tree_util.tree_map(
+            lambda b, m, x: (
+                None
+                if b is None
+                else blocked((jnp.ones(x.shape, bool) if m is None else m)[None], size)[
+                    :, 0
+                ]
+            ),
+            split(blocks),
+            mask,
+            params,
+            is_leaf=_tree.is_none,
+        )
+        keep = stack(kept)[0].astype(blocks.dtype)
+        blocks = blocks * keep[:, :, None] * keep[:, None, :]
+    eye = jnp.eye(size, dtype=blocks.dtype)
+    # One batched inverse for every leaf (see jaxsparse.blocks).
+    inverse = jnp.linalg.inv(blocks + damping * eye[None])
+    return BlockInverse(split(inverse), size, damping)

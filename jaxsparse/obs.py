@@ -14,6 +14,7 @@ References:
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
@@ -21,9 +22,10 @@ import jax
 import jax.numpy as jnp
 from jax import tree_util
 
-from jaxsparse import _tree
-from jaxsparse._types import Mask, Params, Scores, Sparsity
-from jaxsparse.curvature import BlockInverse, _blocked, block_diagonal, hvp
+from jaxsparse import _tree, blocks
+from jaxsparse._types import LossFn, Mask, Params, Scores, Sparsity
+from jaxsparse.blocks import BlockInverse
+from jaxsparse.curvature import hvp
 from jaxsparse.distribution import Distribution, Global
 from jaxsparse.masks import topk_mask
 
@@ -68,24 +70,6 @@ def obs_saliency(params: Params, inverse_diag: Params) -> Scores:
     )
 
 
-def block_apply(inverse: BlockInverse, v: Params) -> Params:
-    """``H^-1 v`` with the block-diagonal inverse (``None`` for leaves it
-    does not cover)."""
-    _check_covered(v, inverse.blocks, "inverse", shapes=False)
-
-    def apply(b, x):
-        flat = _blocked(x[None], inverse.block_size)[:, 0, :]
-        out = jnp.einsum("kij,kj->ki", b, flat.astype(b.dtype))
-        return out.reshape(-1)[: x.size].reshape(x.shape).astype(x.dtype)
-
-    return tree_util.tree_map(
-        lambda b, x: None if b is None else apply(b, x),
-        inverse.blocks,
-        v,
-        is_leaf=_tree.is_none,
-    )
-
-
 class OBSResult(NamedTuple):
     """What :func:`obs_prune` returns."""
 
@@ -94,70 +78,84 @@ class OBSResult(NamedTuple):
     predicted_increase: jax.Array
 
 
-def _leaf_step(inv, w, keep, g, method):
-    """The OBS update of one leaf's blocks; returns ``(new w, model change)``."""
-    size = inv.shape[-1]
-
-    def blocks(x):
-        return _blocked(x[None], size)[:, 0, :].astype(inv.dtype)
-
-    wb, qb = blocks(w), blocks((~keep).astype(inv.dtype))
-    gb = jnp.zeros_like(wb) if g is None else blocks(g)
-
-    def block(a, w, q, g):
-        u = a @ g
-        r = q * (w - u)
-        if method == "joint":
-            # Solve [H^-1]_QQ y_Q = r_Q with fixed shapes: identity off Q.
-            system = q[:, None] * a * q[None, :] + jnp.diag(1 - q)
-            y = jnp.linalg.solve(system, r)
-        else:
-            y = r / jnp.diagonal(a)
-        # Pruned weights land exactly on zero.
-        dw = jnp.where(q > 0, -w, -u - a @ y)
-        hdw = jnp.linalg.solve(a, dw)
-        return w + dw, jnp.dot(g, dw) + 0.5 * jnp.dot(dw, hdw)
-
-    new, change = jax.vmap(block)(inv, wb, qb, gb)
-    new = new.reshape(-1)[: w.size].reshape(w.shape).astype(w.dtype)
-    return jnp.where(keep, new, jnp.zeros((), w.dtype)), jnp.sum(change)
+def _masked_solve(a: jax.Array, q: jax.Array, rhs: jax.Array) -> jax.Array:
+    """``([A]_QQ)^-1 rhs_Q`` on ``Q = {q = 1}`` and 0 elsewhere, batched over
+    blocks with fixed shapes (the system is the identity off ``Q``)."""
+    eye = jnp.broadcast_to(jnp.eye(a.shape[-1], dtype=a.dtype), a.shape)
+    system = q[..., :, None] * a * q[..., None, :] + eye * (1 - q)[..., None, :]
+    return jnp.linalg.solve(system, q[..., :, None] * rhs)
 
 
-def _obs_step(params, inv, g, previous, sparsity, method, distribution):
-    """One pruning step of :func:`obs_prune`."""
-    diag = dict(_tree.leaves_with_path(block_diagonal(inv, params)))
-    u = dict(_tree.leaves_with_path(block_apply(inv, g))) if g is not None else {}
-    kept = dict(_tree.leaves_with_path(previous)) if previous is not None else {}
+def _condition(a: jax.Array, pruned: jax.Array) -> jax.Array:
+    """``A - A[:, P] ([A]_PP)^-1 A[P, :]``: the block inverse restricted to the
+    survivors. With ``A = H^-1`` its survivor block is ``(H_SS)^-1`` (a Schur
+    complement) and its rows and columns on ``P`` are 0, so scores and
+    updates built from it never touch the pruned set."""
+    return a - (a * pruned[:, None, :]) @ _masked_solve(a, pruned, a)
 
-    def score(path, w):
-        d = diag.get(path)
-        if d is None:
-            return None
-        rho = jnp.square(w - u[path] if u else w) / (2 * d)
+
+def _as_blocks(inverse: BlockInverse, tree: Any, like: Params, dtype) -> jax.Array:
+    """``tree``'s covered leaves (bool or float, shaped like ``like``) as one
+    ``(T, B)`` batch of ``dtype``; padding entries are 0."""
+    cast = tree_util.tree_map(
+        lambda t, x: None if t is None else jnp.asarray(t).astype(dtype),
+        tree,
+        like,
+        is_leaf=_tree.is_none,
+    )
+    return blocks.stack(blocks.leaf_blocks(inverse, cast))[0]
+
+
+def _obs_step(params, inverse, g, previous, sparsity, method, distribution):
+    """One pruning step of :func:`obs_prune`, every block of every leaf in
+    one batch."""
+    full, split = blocks.stack(inverse.blocks)
+    dtype = full.dtype
+    w = _as_blocks(inverse, params, params, dtype)
+    real = _as_blocks(inverse, jax.tree.map(jnp.ones_like, params), params, dtype)
+    pruned = None
+    a = full
+    if previous is not None:
+        pruned = real * (1 - _as_blocks(inverse, previous, params, dtype))
+        a = _condition(full, pruned)
+    gb = None if g is None else _as_blocks(inverse, g, params, dtype)
+    u = jnp.zeros_like(w) if gb is None else jnp.einsum("kij,kj->ki", a, gb)
+    diag = jnp.diagonal(a, axis1=1, axis2=2)
+    rho = jnp.square(w - u) / (2 * diag)
+    if pruned is not None:
         # Weights pruned by an earlier step rank lowest, so they stay pruned.
-        return jnp.where(kept[path], rho, -jnp.inf) if kept else rho
-
-    scores = tree_util.tree_map_with_path(score, params)
+        rho = jnp.where(pruned > 0, -jnp.inf, rho)
+    covered = {p for p, b in _tree.leaves_with_path(inverse.blocks) if b is not None}
     mask = topk_mask(
-        scores,
+        blocks.from_blocks(inverse, split(rho), params),
         sparsity,
         distribution=distribution,
-        include=lambda p, _: diag.get(p) is not None,
+        include=lambda p, _: p in covered,
     )
-    blocks = dict(_tree.leaves_with_path(inv.blocks))
-    masks = dict(_tree.leaves_with_path(mask))
-    grads = dict(_tree.leaves_with_path(g)) if g is not None else {}
-    changes = []
-
-    def update(path, w):
-        if masks.get(path) is None:
-            return w
-        new, change = _leaf_step(blocks[path], w, masks[path], grads.get(path), method)
-        changes.append(change)
-        return new
-
-    new_params = tree_util.tree_map_with_path(update, params)
-    return new_params, mask, sum(changes)
+    # Q: the real entries pruned now and not before.
+    q = real * (1 - _as_blocks(inverse, mask, params, dtype))
+    if pruned is not None:
+        q = q * (1 - pruned)
+    r = q * (w - u)
+    if method == "joint":
+        y = _masked_solve(a, q, r[..., None])[..., 0]
+    else:
+        y = r / jnp.where(q > 0, diag, 1)
+    dw = jnp.where(q > 0, -w, -u - jnp.einsum("kij,kj->ki", a, y))
+    # The model's change uses the full damped curvature H = A^-1.
+    hdw = jnp.linalg.solve(full, dw[..., None])[..., 0]
+    change = 0.5 * jnp.sum(dw * hdw)
+    if gb is not None:
+        change = change + jnp.sum(gb * dw)
+    moved = blocks.from_blocks(inverse, split(w + dw), params)
+    new_params = tree_util.tree_map(
+        lambda x, m, n: x if m is None else jnp.where(m, n, jnp.zeros((), x.dtype)),
+        params,
+        mask,
+        moved,
+        is_leaf=_tree.is_none,
+    )
+    return new_params, mask, change
 
 
 def obs_prune(
@@ -172,15 +170,21 @@ def obs_prune(
 ) -> OBSResult:
     """Prunes with OBS compensation to ``sparsity`` of the covered leaves.
 
-    Each step scores the unpruned weights by OBS saliency (with ``grads``:
-    ``(w_q - u_q)^2 / (2 [H^-1]_qq)``, ``u = H^-1 g``), selects the lowest
-    (weights pruned before stay pruned) and moves every weight of a block to
-    the minimum of the quadratic model under the constraint that the pruned
-    ones are zero:
+    Each step scores the surviving weights by OBS saliency
+    ``w_q^2 / (2 [(H_SS)^-1]_qq)`` over the curvature restricted to the set
+    ``S`` of survivors (with ``grads``: ``(w_q - u_q)^2 / (2 [(H_SS)^-1]_qq)``,
+    ``u = (H_SS)^-1 g_S``), selects the lowest and moves every surviving
+    weight of a block to the minimum of the quadratic model under the
+    constraint that the pruned ones are zero. ``(H_SS)^-1`` comes from the
+    given full block inverse ``A = H^-1`` by conditioning on the pruned set
+    ``P``: ``A_SS - A_SP (A_PP)^-1 A_PS``, so from the second step on each
+    choice is the least increase given the earlier ones, as in Hassibi &
+    Stork's procedure:
 
     - ``"joint"``: ``dw = -H^-1 E_Q ([H^-1]_QQ)^-1 w_Q`` for the set ``Q``
       removed together in each block (Hassibi & Stork; with a gradient,
-      ``dw = -H^-1 g - H^-1 E_Q ([H^-1]_QQ)^-1 (w_Q - u_Q)``);
+      ``dw = -H^-1 g - H^-1 E_Q ([H^-1]_QQ)^-1 (w_Q - u_Q)``; ``H^-1`` here
+      the survivors' inverse);
     - ``"independent"``: the sum of the single-weight updates
       ``-(w_q / [H^-1]_qq) H^-1 e_q``, as WoodFisher's code does.
 
@@ -188,8 +192,15 @@ def obs_prune(
 
     Args:
       params: the weights.
-      inverse: the block inverse, or a function of the params returning it
-        (required when ``steps > 1``: it is recomputed between steps).
+      inverse: the block inverse of the (damped) curvature, or a function
+        returning it at given params (required when ``steps > 1``: it is
+        recomputed at the new weights between steps and conditioned on the
+        weights pruned so far). A function that takes a ``mask`` keyword
+        gets the current mask (``None`` at the first step) and may return
+        the inverse restricted to the survivors directly, e.g.
+        ``lambda p, mask: fisher_inverse(grads_at(p), ..., mask=mask)``;
+        that avoids the cancellation the conditioning suffers in float32
+        when the damping is tiny.
       sparsity: the final fraction of covered weights to prune.
       method: ``"joint"`` or ``"independent"``.
       steps: prune in this many equal increments of sparsity.
@@ -208,18 +219,23 @@ def obs_prune(
     """
     if method not in ("joint", "independent"):
         raise ValueError(f"method must be 'joint' or 'independent', got {method!r}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    _tree.check_positive_int(steps, "steps")
     if steps > 1 and not callable(inverse):
         raise ValueError(
             "steps > 1 recomputes the inverse: pass a function of the params"
         )
     _tree.check_sparsity(sparsity)
+    takes_mask = callable(inverse) and "mask" in inspect.signature(inverse).parameters
     mask = None
     total = 0.0
     for step in range(1, steps + 1):
-        inv = inverse(params) if callable(inverse) else inverse
-        _check_covered(params, inv.blocks, "inverse", shapes=False)
+        if not callable(inverse):
+            inv = inverse
+        elif takes_mask:
+            inv = inverse(params, mask=mask)
+        else:
+            inv = inverse(params)
+        blocks.check_covers(inv, params)
         g = grads(params) if callable(grads) else grads
         if g is not None:
             _check_covered(params, g, "grads")
@@ -231,7 +247,7 @@ def obs_prune(
 
 
 def predicted_loss_change(
-    loss_fn: Callable[..., jax.Array], params: Params, delta: Params, *args: Any
+    loss_fn: LossFn, params: Params, delta: Params, *args: Any
 ) -> jax.Array:
     """The quadratic model's loss change ``g^T d + 1/2 d^T H d`` for a weight
     change ``d`` (exact gradient and HVP at ``params``), to hold against the

@@ -65,11 +65,6 @@ def _check_step(value: Any, name: str) -> None:
         raise ValueError(f"{name} must be a non-negative int, got {value!r}")
 
 
-def _check_positive(value: Any, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
 def constant(sparsity: float, *, at: int = 0) -> Schedule:
     """Hold ``sparsity`` from step ``at`` on; the mask is computed once, at
     ``at``. Dense before ``at``.
@@ -129,7 +124,7 @@ def polynomial(
     _tree.check_sparsity(final, where="final")
     _check_step(begin, "begin")
     _check_step(end, "end")
-    _check_positive(every, "every")
+    _tree.check_positive_int(every, "every")
     if end <= begin:
         raise ValueError(f"begin must be before end, got begin={begin}, end={end}")
     if not power > 0:
@@ -201,7 +196,7 @@ def phases(phase_list: Sequence[Phase | tuple[int, float | None]]) -> Schedule:
     if not parsed:
         raise ValueError("phases must not be empty")
     for i, p in enumerate(parsed):
-        _check_positive(p.steps, f"phase {i} steps")
+        _tree.check_positive_int(p.steps, f"phase {i} steps")
         if p.sparsity is not None:
             _tree.check_sparsity(p.sparsity, where=f"phase {i} sparsity")
     starts = [0]
@@ -238,7 +233,7 @@ def iht(
       Jin et al. 2016, "Training skinny deep neural networks with iterative
       hard thresholding methods", Alg. 1; Hoefler et al. 2021, §2.4.3.
     """
-    _check_positive(cycles, "cycles")
+    _tree.check_positive_int(cycles, "cycles")
     cycle = [Phase(sparse_steps, sparsity), Phase(dense_steps, None)] * cycles
     head = [Phase(warmup, None)] if warmup else []
     return phases([*head, *cycle, Phase(1, sparsity)])
@@ -266,7 +261,7 @@ def cosine_drop_fraction(initial: float = 0.3, *, end: int) -> Callable:
     """
     if not 0.0 <= float(initial) <= 1.0:
         raise ValueError(f"initial drop fraction must be in [0, 1], got {initial!r}")
-    _check_positive(end, "end")
+    _tree.check_positive_int(end, "end")
 
     def fraction(count):
         t = jnp.minimum(jnp.asarray(count, jnp.float32), float(end))
@@ -329,7 +324,7 @@ def adaptive(
       Prechelt 1997, "Connection pruning with static and adaptive pruning
       schedules", §3 (lprune); Hoefler et al. 2021, §2.4.2.
     """
-    _check_positive(every, "every")
+    _tree.check_positive_int(every, "every")
     _check_step(begin, "begin")
     _tree.check_sparsity(final, where="final")
     if not 0.0 <= min_rate <= max_rate < 1.0:
@@ -387,7 +382,7 @@ class EarlyStructureState(NamedTuple):
 
 def early_structure_init(mask: Mask, *, window: int = 5) -> EarlyStructureState:
     """Starts the early-structure detector of You et al. (2020) at ``mask``."""
-    _check_positive(window, "window")
+    _tree.check_positive_int(window, "window")
     return EarlyStructureState(
         mask, jnp.full((window,), jnp.inf, jnp.float32), jnp.zeros((), jnp.int32)
     )

@@ -20,6 +20,7 @@ from typing import Literal, Protocol, runtime_checkable
 import jax
 import jax.numpy as jnp
 
+from jaxsparse import _tree
 from jaxsparse._select import order_key
 
 Reduce = Literal["l1", "l2", "sum"]
@@ -108,11 +109,6 @@ class _SplitAxis:
         return jnp.broadcast_to(wide, split).reshape(shape)
 
 
-def _positive_int(value: object, name: str, owner: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{owner}: {name} must be a positive int, got {value!r}")
-
-
 @dataclasses.dataclass(frozen=True)
 class Element:
     """Unstructured: every entry is its own group; scores are used as given."""
@@ -147,7 +143,7 @@ class Block:
         if not shape:
             raise ValueError("Block: shape must have at least one dimension")
         for dim in shape:
-            _positive_int(dim, "every block dimension", f"Block{shape}")
+            _tree.check_positive_int(dim, f"Block{shape}: every block dimension")
         object.__setattr__(self, "shape", shape)
 
     def _full(self, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -212,7 +208,9 @@ class Strided(_SplitAxis):
     axis: int = -1
 
     def __post_init__(self):
-        _positive_int(self.stride, "stride", f"Strided(stride={self.stride!r})")
+        _tree.check_positive_int(
+            self.stride, f"Strided(stride={self.stride!r}): stride"
+        )
 
     _reduce_inner = False
 
@@ -234,8 +232,8 @@ class NM(_SplitAxis):
     axis: int = -1
 
     def __post_init__(self):
-        _positive_int(self.n, "n", f"NM({self.n!r}, {self.m!r})")
-        _positive_int(self.m, "m", f"NM({self.n!r}, {self.m!r})")
+        _tree.check_positive_int(self.n, f"NM({self.n!r}, {self.m!r}): n")
+        _tree.check_positive_int(self.m, f"NM({self.n!r}, {self.m!r}): m")
         if self.n > self.m:
             raise ValueError(f"NM: n must not exceed m, got {self.n}:{self.m}")
 

@@ -31,7 +31,6 @@ References:
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -57,20 +56,8 @@ _CRITERION_ARGS = ("params", "grads", "key")
 
 
 def _criterion_caller(criterion: Criterion, name: str):
-    if not callable(criterion):
-        raise TypeError(f"{name} must be callable, got {criterion!r}")
-    signature = inspect.signature(criterion)
-    takes_all = any(
-        p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()
-    )
-    wanted = set(signature.parameters)
-
-    def call(**available):
-        if takes_all:
-            return criterion(**available)
-        return criterion(**{k: v for k, v in available.items() if k in wanted})
-
-    return call, "key" in wanted or takes_all
+    call, wanted = _tree.keyword_caller(criterion, name)
+    return call, wanted is None or "key" in wanted
 
 
 def _key_array(key: Any, needed: bool, name: str) -> jax.Array:
@@ -443,8 +430,7 @@ def _drop_and_grow_rule(
 ) -> _MaskRule:
     _tree.check_sparsity(sparsity)
     for value, label in ((every, "every"), (end, "end")):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{label} must be a positive int, got {value!r}")
+        _tree.check_positive_int(value, label)
     fraction = cosine_drop_fraction(drop_fraction, end=end)
     call_grow, _ = _criterion_caller(grow, "grow")
     call_init, _ = _criterion_caller(init_criterion, "init_criterion")

@@ -43,3 +43,47 @@ def test_every_method_runs_and_prunes_exactly(monkeypatch):
     assert "OBS x5" in table and "90%" in table
     with pytest.raises(ValueError, match="sparsities must be in"):
         second_order.run_second_order([0], [1.0])
+
+
+def test_multi_step_woodfisher_on_digits_beats_magnitude_by_far():
+    """Regression for multi-step OBS scoring survivors with the full inverse:
+    MLP 64-40-20-10, global selection over the kernels, Fisher blocks of 640,
+    16 steps, no fine-tuning. With survivors' inverses it holds 0.93 / 0.73
+    at 80 / 90 %; scoring with the full inverse gave 0.10 at 80 %."""
+    import optax
+
+    import jaxsparse as js
+    from jaxsparse import data, fisher, obs
+    from jaxsparse.experiments.models import accuracy, init_mlp, loss_fn, make_epoch
+
+    split = data.digits(0)
+    key = jax.random.PRNGKey(0)
+    params = init_mlp(key, (64, 40, 20, 10))
+    adam = optax.adam(1e-3)
+    epoch = make_epoch(adam, 64)
+    state = adam.init(params)
+    for e in range(150):
+        params, state = epoch(
+            params, state, split.x_train, split.y_train, jax.random.fold_in(key, e)
+        )
+    x, y = jax.numpy.asarray(split.x_train), jax.numpy.asarray(split.y_train)
+
+    @jax.jit
+    def inverse(p, mask=None):
+        g = fisher.per_example_grads(loss_fn, p, x, y)
+        mean = jax.numpy.mean(
+            jax.numpy.concatenate(
+                [d.ravel() for d in jax.tree.leaves(fisher.fisher_diag(g))]
+            )
+        )
+        return fisher.fisher_inverse(g, block_size=640, damping=1e-4 * mean, mask=mask)
+
+    for s, floor in ((0.8, 0.9), (0.9, 0.65)):
+        pruned = obs.obs_prune(params, inverse, s, steps=16).params
+        got = accuracy(pruned, split.x_test, split.y_test)
+        magnitude = accuracy(
+            js.apply_mask(params, js.global_mask(js.saliency.magnitude(params), s)),
+            split.x_test,
+            split.y_test,
+        )
+        assert got > floor and got > magnitude + 0.15, (s, got, magnitude)

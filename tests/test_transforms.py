@@ -12,7 +12,7 @@ import pytest
 
 import jaxsparse as js
 from jaxsparse import schedules
-from jaxsparse.experiments.runner import init_mlp, loss_fn
+from jaxsparse.experiments.models import init_mlp, loss_fn
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -46,7 +46,7 @@ import jaxsparse as js
 from jaxsparse import data
 from jaxsparse import regularizers as rg
 from jaxsparse import variational as vr
-from jaxsparse.experiments.runner import init_mlp
+from jaxsparse.experiments.models import init_mlp, mlp
 
 HIDDEN_KERNELS = "dense_[01]/kernel"
 
@@ -75,21 +75,6 @@ class Method(NamedTuple):
     readout: Callable[[Any], tuple[Any, list[jax.Array]]]
 
 
-def _forward(params, x, gates=None, noise=None):
-    """MLP forward with optional multiplicative gates per kernel and
-    per-hidden-unit noise."""
-    n = len(params)
-    for i in range(n):
-        layer = params[f"dense_{i}"]
-        kernel = layer["kernel"] if gates is None else layer["kernel"] * gates[i]
-        x = x @ kernel + layer["bias"][None, :]
-        if i < n - 1:
-            x = jax.nn.relu(x)
-            if noise is not None:
-                x = x * noise[i][None, :]
-    return x
-
-
 def _ce(logits, y):
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
@@ -115,13 +100,13 @@ def methods(n_train: int, lr: float = 1e-3) -> dict[str, Method]:
     adam = optax.adam(lr)
 
     def plain(v, x, y, key, progress):
-        return _ce(_forward(v, x), y)
+        return _ce(mlp(v, x), y)
 
     def as_is(v):
         return v, _alive_neurons(v)
 
     def hoyer_loss(v, x, y, key, progress):
-        return _ce(_forward(v, x), y) + 2e-4 * rg.hoyer_square(v)
+        return _ce(mlp(v, x), y) + 2e-4 * rg.hoyer_square(v)
 
     def hoyer_readout(v):
         kernels = [
@@ -145,7 +130,7 @@ def methods(n_train: int, lr: float = 1e-3) -> dict[str, Method]:
             rg.hard_concrete_sample(la, k, gate) for la, k in zip(v["log_alpha"], keys)
         ]
         l0 = sum(rg.hard_concrete_l0(la, gate) for la in v["log_alpha"])
-        return _ce(_forward(v["w"], x, gates), y) + 0.5 * l0 / n_train
+        return _ce(mlp(v["w"], x, gates=gates), y) + 0.5 * l0 / n_train
 
     def hc_readout(v):
         gates = [rg.hard_concrete_gates(la, gate) for la in v["log_alpha"]]
@@ -159,7 +144,7 @@ def methods(n_train: int, lr: float = 1e-3) -> dict[str, Method]:
 
     def lt_loss(v, x, y, key, progress):
         shown = rg.apply_thresholds(v["w"], v["t"], beta)
-        return _ce(_forward(shown, x), y) + 3e-4 * rg.l1(shown)
+        return _ce(mlp(shown, x), y) + 3e-4 * rg.l1(shown)
 
     def lt_readout(v):
         thresholds = [v["t"][f"dense_{i}"]["kernel"] for i in range(len(v["w"]))]
@@ -208,7 +193,7 @@ def methods(n_train: int, lr: float = 1e-3) -> dict[str, Method]:
         ]
         kl = sum(vr.sbp_kl(m, s) for m, s in zip(v["mu"], v["log_sigma"]))
         return (
-            _ce(_forward(v["w"], x, noise=noise), y)
+            _ce(mlp(v["w"], x, noise=noise), y)
             + jnp.minimum(3.0 * progress, 1.0) * kl / n_train
         )
 
@@ -316,7 +301,7 @@ def run_regularized(
             size = sum(k.size for k in kernels)
             units = sum(k.size for k in keep)
             dead = sum(int(jnp.sum(~k)) for k in keep)
-            logits = _forward(pruned, split.x_test)
+            logits = mlp(pruned, split.x_test)
             acc = float(jnp.mean(jnp.argmax(logits, -1) == split.y_test))
             rows.append(RegularizedRow(name, seed, zeros / size, dead / units, acc))
     return rows

@@ -5,7 +5,7 @@ import re
 import jax
 import pytest
 
-from jaxsparse.experiments import runner
+from jaxsparse.experiments import cli, one_shot, schedule_comparison
 
 
 @pytest.fixture(autouse=True)
@@ -16,7 +16,7 @@ def standard_promotion():
         yield
 
 
-SMALL = runner.Config(
+SMALL = one_shot.Config(
     hidden=(32,),
     epochs=8,
     finetune_epochs=1,
@@ -26,8 +26,8 @@ SMALL = runner.Config(
 
 
 def test_run_is_deterministic_and_exact():
-    rows = runner.run(SMALL)
-    assert rows == runner.run(SMALL)
+    rows = one_shot.run(SMALL)
+    assert rows == one_shot.run(SMALL)
     assert [(r.criterion, r.target) for r in rows] == [
         (c, s) for c in SMALL.criteria for s in SMALL.sparsities
     ]
@@ -39,7 +39,7 @@ def test_run_is_deterministic_and_exact():
 
 
 def test_main_prints_table(capsys):
-    runner.main(
+    cli.main(
         [
             "--hidden",
             "16",
@@ -71,13 +71,13 @@ def test_bad_config(field, value, message):
     import dataclasses
 
     with pytest.raises(ValueError, match=message):
-        runner.run(dataclasses.replace(SMALL, **{field: value}))
+        one_shot.run(dataclasses.replace(SMALL, **{field: value}))
 
 
 def test_schedule_comparison_hits_target_and_is_deterministic():
-    config = runner.Config(hidden=(32,), epochs=4, finetune_epochs=2)
-    rows = runner.run_schedules(config, [0], 0.8)
-    assert rows == runner.run_schedules(config, [0], 0.8)
+    config = one_shot.Config(hidden=(32,), epochs=4, finetune_epochs=2)
+    rows = schedule_comparison.run_schedules(config, [0], 0.8)
+    assert rows == schedule_comparison.run_schedules(config, [0], 0.8)
     methods = [r.method for r in rows]
     assert methods == ["dense", "one-shot", "gradual", "IHT", "RigL", "SET"]
     for r in rows:
@@ -88,12 +88,14 @@ def test_schedule_comparison_hits_target_and_is_deterministic():
             # and 256 of 320 is 79.98 %), or more where a kept weight is 0.
             assert 1894 / 2368 <= r.sparsity < 0.81, r
         assert 0.3 < r.accuracy <= 1.0
-    summary = runner.format_schedule_summary(rows + [r._replace(seed=1) for r in rows])
+    summary = schedule_comparison.format_schedule_summary(
+        rows + [r._replace(seed=1) for r in rows]
+    )
     assert re.search(r"RigL\s+\d+\.\d+%\s+\d+\.\d+% ± 0\.00%\s+2", summary)
 
 
 def test_main_schedules(capsys):
-    runner.main(
+    cli.main(
         [
             "--experiment",
             "schedules",
@@ -113,4 +115,4 @@ def test_main_schedules(capsys):
     assert "50% target, 3 epochs each, seeds [0]" in out
     assert re.search(r"gradual\s+50\.\d\d%", out)
     with pytest.raises(ValueError, match="sparsity must be in"):
-        runner.run_schedules(SMALL, [0], 1.0)
+        schedule_comparison.run_schedules(SMALL, [0], 1.0)

@@ -1,0 +1,181 @@
+"""Tests for jaxsparse.fisher against loops and numpy inverses (float64)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+from test_curvature import float64_standard, setup
+
+from jaxsparse import fisher
+
+__all__ = ["float64_standard"]
+
+
+def test_per_example_grads_and_fisher_diag():
+    params, _, loss, x, y, *_ = setup("mlp-dict")
+    per = fisher.per_example_grads(loss, params, x, y)
+    loop = [
+        ravel_pytree(jax.grad(loss)(params, x[i : i + 1], y[i : i + 1]))[0]
+        for i in range(6)
+    ]
+    flat = jax.vmap(lambda t: ravel_pytree(t)[0])(per)
+    np.testing.assert_allclose(flat, np.stack(loop), atol=1e-14)
+    fd = fisher.fisher_diag(per)
+    assert fd["dense_0"]["bias"] is None
+    np.testing.assert_allclose(
+        fd["dense_0"]["kernel"].ravel(), (np.stack(loop) ** 2).mean(0)[4:24], atol=1e-14
+    )
+
+
+def fisher_reference(g, block, damping, b):
+    cols = g.reshape(g.shape[0], -1)
+    cols = np.pad(cols, ((0, 0), (0, -cols.shape[1] % block)))[
+        :, b * block : (b + 1) * block
+    ]
+    return np.linalg.inv(damping * np.eye(block) + cols.T @ cols / g.shape[0])
+
+
+@pytest.mark.parametrize("block", [1, 3, 8, 20])
+@pytest.mark.parametrize("n", [2, 7, 40])
+@pytest.mark.parametrize("damping", [1e-3, 0.5])
+def test_woodbury_equals_numpy_inverse(block, n, damping):
+    g = {"w": jax.random.normal(jax.random.key(n), (n, 4, 5))}
+    for method in ("woodbury", "cholesky", "auto"):
+        inv = fisher.fisher_inverse(g, block_size=block, damping=damping, method=method)
+        blocks = np.asarray(inv.blocks["w"])
+        assert blocks.shape == (-(-20 // block), block, block)
+        for b in range(blocks.shape[0]):
+            ref = fisher_reference(np.asarray(g["w"]), block, damping, b)
+            err = np.abs(blocks[b] - ref).max() / np.abs(ref).max()
+            assert err < 1e-8, (method, b, err)
+
+
+def test_woodbury_in_pieces_equals_all_at_once():
+    g = {"w": jax.random.normal(jax.random.key(9), (30, 6, 2)), "b": jnp.ones((30, 2))}
+    params = jax.tree.map(lambda t: t[0], g)
+    inv = fisher.woodbury_init(params, block_size=4, damping=0.1)
+    assert inv.blocks["b"] is None
+    for start in range(0, 30, 7):
+        piece = jax.tree.map(lambda t, s=start: t[s : s + 7], g)
+        inv = fisher.woodbury_update(inv, piece, num_samples=30)
+    whole = fisher.fisher_inverse(g, block_size=4, damping=0.1, method="cholesky")
+    np.testing.assert_allclose(
+        inv.blocks["w"], whole.blocks["w"], rtol=1e-9, atol=1e-12
+    )
+
+
+@pytest.mark.parametrize(
+    "call,message",
+    [
+        (
+            lambda p, f, x, y: fisher.woodbury_init(p, block_size=0, damping=1.0),
+            "block_size must be",
+        ),
+        (
+            lambda p, f, x, y: fisher.woodbury_init(p, block_size=4, damping=0.0),
+            "damping must be > 0",
+        ),
+        (
+            lambda p, f, x, y: fisher.fisher_inverse(
+                fisher.per_example_grads(f, p, x, y), block_size=4, damping=-1.0
+            ),
+            "damping must be > 0",
+        ),
+        (
+            lambda p, f, x, y: fisher.woodbury_update(
+                fisher.woodbury_init(p, block_size=4, damping=1.0),
+                {"a": jnp.ones((2, 3))},
+                num_samples=2,
+            ),
+            "grads tree does not match",
+        ),
+        (
+            lambda p, f, x, y: fisher.fisher_inverse(
+                fisher.per_example_grads(f, p, x, y),
+                block_size=4,
+                damping=1.0,
+                method="qr",
+            ),
+            "method must be",
+        ),
+    ],
+)
+def test_bad_input(call, message):
+    params, _, loss, x, y, *_ = setup("mlp-dict")
+    with pytest.raises(ValueError, match=message):
+        call(params, loss, x, y)
+
+
+def test_fisher_inverse_with_a_mask_is_the_survivors_inverse():
+    g = {"w": jax.random.normal(jax.random.key(3), (12, 2, 3)), "b": jnp.ones((12, 3))}
+    mask = {"w": jnp.array([[True, False, True], [True, True, False]]), "b": None}
+    keep = np.asarray(mask["w"]).ravel()
+    cols = np.asarray(g["w"]).reshape(12, 6) * keep
+    ref = np.linalg.inv(0.1 * np.eye(6) + cols.T @ cols / 12)
+    for method in ("woodbury", "cholesky"):
+        inv = fisher.fisher_inverse(
+            g, block_size=6, damping=0.1, method=method, mask=mask
+        )
+        np.testing.assert_allclose(inv.blocks["w"][0], ref, rtol=1e-10, atol=1e-12)
+    # On the survivors it is (F_SS + damping I)^-1; pruned entries decouple.
+    s = np.flatnonzero(keep)
+    full = np.asarray(g["w"]).reshape(12, 6)[:, s]
+    np.testing.assert_allclose(
+        ref[np.ix_(s, s)], np.linalg.inv(0.1 * np.eye(4) + full.T @ full / 12)
+    )
+    with pytest.raises(ValueError, match="mask tree does not match"):
+        fisher.fisher_inverse(g, block_size=6, damping=0.1, mask={"w": mask["w"]})
+
+
+_GUARDED = textwrap.dedent(
+    """
+    import os, sys
+    os.sched_setaffinity(0, [int(c) for c in sys.argv[1:]])
+    import jax, jax.numpy as jnp
+    jax.config.update("jax_enable_x64", True)
+    from jaxsparse import curvature, data, fisher, obs
+    from jaxsparse.experiments.models import init_mlp, loss_fn
+    split = data.digits(0)
+    params = init_mlp(jax.random.key(0), (64, 40, 20, 10))
+    x, y = jnp.asarray(split.x_train), jnp.asarray(split.y_train)
+
+    def inverse(p, mask=None):
+        g = fisher.per_example_grads(loss_fn, p, x, y)
+        return fisher.fisher_inverse(g, block_size=640, damping=1e-4, mask=mask)
+
+    fisher_at = jax.jit(inverse)
+    exact_at = jax.jit(
+        lambda p: curvature.hessian_inverse(loss_fn, p, x[:64], y[:64], damping=1e-3,
+                                            block_size=200)
+    )
+    pruned_at = jax.jit(lambda p: obs.obs_prune(p, inverse, 0.5, steps=2).params)
+    for i in range(12):
+        p = jax.tree.map(lambda a: a * (1 + 1e-3 * i), params)
+        jax.block_until_ready((fisher_at(p), exact_at(p)))
+    jax.block_until_ready(pruned_at(params))
+    print("finished")
+    """
+)
+
+
+def test_jitted_inverses_finish_on_two_cores():
+    """Regression: batched LAPACK solves run per leaf at once deadlocked XLA's
+    2-thread CPU pool (it hung within a dozen calls); one stacked batch per
+    step does not."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    cores = [str(c) for c in sorted(os.sched_getaffinity(0))[:2]]
+    result = subprocess.run(
+        [sys.executable, "-c", _GUARDED, *cores],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "finished" in result.stdout
