@@ -5,15 +5,19 @@ Public modules: :mod:`~jaxsparse.masks`, :mod:`~jaxsparse.structure`,
 used are re-exported here.
 """
 
+from jaxsparse import blocks as blocks
 from jaxsparse import curvature as curvature
 from jaxsparse import data as data
 from jaxsparse import distribution as distribution
+from jaxsparse import fisher as fisher
 from jaxsparse import formats as formats
 from jaxsparse import masks as masks
 from jaxsparse import obs as obs
 from jaxsparse import regularizers as regularizers
+from jaxsparse import reports as reports
 from jaxsparse import saliency as saliency
 from jaxsparse import schedules as schedules
+from jaxsparse import selection as selection
 from jaxsparse import structure as structure
 from jaxsparse import transforms as transforms
 from jaxsparse import variational as variational
@@ -29,16 +33,16 @@ from jaxsparse.distribution import Custom as Custom
 from jaxsparse.distribution import Distribution as Distribution
 from jaxsparse.distribution import Global as Global
 from jaxsparse.distribution import Uniform as Uniform
-from jaxsparse.masks import LeafSparsity as LeafSparsity
-from jaxsparse.masks import SparsityReport as SparsityReport
+from jaxsparse.distribution import topk_mask as topk_mask
 from jaxsparse.masks import apply_mask as apply_mask
 from jaxsparse.masks import check_finite as check_finite
 from jaxsparse.masks import dense_mask as dense_mask
-from jaxsparse.masks import global_mask as global_mask
-from jaxsparse.masks import layerwise_mask as layerwise_mask
-from jaxsparse.masks import sparsity as sparsity
-from jaxsparse.masks import sparsity_report as sparsity_report
-from jaxsparse.masks import topk_mask as topk_mask
+from jaxsparse.reports import LeafSparsity as LeafSparsity
+from jaxsparse.reports import SparsityReport as SparsityReport
+from jaxsparse.reports import sparsity as sparsity
+from jaxsparse.reports import sparsity_report as sparsity_report
+from jaxsparse.selection import global_mask as global_mask
+from jaxsparse.selection import layerwise_mask as layerwise_mask
 from jaxsparse.structure import NM as NM
 from jaxsparse.structure import Block as Block
 from jaxsparse.structure import Channel as Channel
@@ -82,12 +86,14 @@ __all__ = (
     "Strided",
     "Uniform",
     "apply_mask",
+    "blocks",
     "check_finite",
     "curvature",
     "data",
     "dense_mask",
     "distribution",
     "dynamic_sparse",
+    "fisher",
     "formats",
     "global_mask",
     "keep_masked",
@@ -96,9 +102,11 @@ __all__ = (
     "obs",
     "prune",
     "regularizers",
+    "reports",
     "rigl",
     "saliency",
     "schedules",
+    "selection",
     "sparse_evolutionary",
     "sparsify",
     "sparsity",

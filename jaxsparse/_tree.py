@@ -126,10 +126,18 @@ def concrete_float(x: Any) -> float | None:
     return float(x)
 
 
-def check_sparsity(sparsity: Any, *, where: str = "sparsity") -> None:
-    """Raises ``ValueError`` if a concrete sparsity is outside ``[0, 1)``."""
+def check_sparsity(
+    sparsity: Any, *, where: str = "sparsity", whole: bool = False
+) -> None:
+    """Raises ``ValueError`` if a concrete sparsity is outside ``[0, 1)``
+    (``[0, 1]`` with ``whole``: a per-leaf target may remove a whole leaf;
+    an overall target may not remove everything)."""
     value = concrete_float(sparsity)
-    if value is not None and not 0.0 <= value < 1.0:
+    if value is None:
+        return
+    if whole and not 0.0 <= value <= 1.0:
+        raise ValueError(f"{where} must be in [0, 1], got {value!r}")
+    if not whole and not 0.0 <= value < 1.0:
         raise ValueError(f"{where} must be in [0, 1), got {value!r}")
 
 

@@ -1,16 +1,31 @@
-"""How one overall sparsity target is spread over the pruned leaves.
+"""How one overall sparsity target is spread over the pruned leaves, and
+the mask it selects (:func:`topk_mask`).
 
-A distribution is a small frozen (hashable) object. :class:`Uniform`,
-:class:`ERK` and :class:`Custom` allocate a sparsity per leaf (a pytree
-mirroring the params, ``None`` for dense leaves) that layer-wise selection
-then meets exactly; :class:`Global` means one threshold over all leaves
-(:func:`jaxsparse.global_mask`).
+A distribution is a small frozen (hashable) object that answers one
+question: which mask do these scores give at this target
+(:meth:`Distribution.mask`). :class:`Global` selects with one threshold over
+all leaves; :class:`Uniform`, :class:`ERK` and :class:`Custom` allocate a
+sparsity per leaf (:meth:`Allocation.allocate`, a pytree mirroring the
+params, ``None`` for dense leaves) that layer-wise selection then meets
+exactly.
 
-Allocations are exact in the count: the per-leaf pruned counts add up to
-``round(sparsity * total)`` (largest-remainder rounding), so the overall
-sparsity matches the target to the element. A concrete sparsity is allocated
-on the host in float64; a traced one (from a schedule inside ``jit``) in
-float32 with the same algorithm.
+**Two counting rules.**
+
+- :class:`Uniform` prunes every selected leaf to exactly
+  ``round(s * n_leaf)``, the same as :func:`jaxsparse.layerwise_mask`, so a
+  leaf's count never depends on the other leaves.
+- :class:`ERK` and :class:`Global` are exact in the total: the per-leaf
+  pruned counts add up to ``round(s * total)`` (ERK rounds per leaf by
+  largest remainder). A concrete sparsity is allocated on the host in
+  float64; a traced one (from a schedule inside ``jit``) in float32 with the
+  same algorithm.
+- :class:`Custom` gives each leaf its own target, scaled by an overall
+  target when one is given (see its docstring).
+
+Every distribution takes a ``min_density`` floor (the layer-collapse guard
+of Wang et al. 2020): each leaf keeps at least ``ceil(min_density * n)``.
+A per-leaf target may be 1 (a whole leaf removed); the overall target stays
+in ``[0, 1)``.
 
 References:
   Hoefler et al. 2021, §3.2 and §2.4.5; Evci et al. 2020 (ERK); Wang et al.
@@ -31,13 +46,34 @@ import numpy as np
 from jax import lax
 
 from jaxsparse import _tree
-from jaxsparse._types import LeafSelector, Params, Sparsity, SparsityTree
+from jaxsparse._types import LeafSelector, Mask, Params, Scores, Sparsity, SparsityTree
+from jaxsparse.selection import global_mask, layerwise_mask
+from jaxsparse.structure import Element, Granularity, Reduce
 
 _BISECTION_STEPS = 64
 
 
 class Distribution(abc.ABC):
-    """Base of the per-leaf allocations."""
+    """Base of the distributions: each selects its own mask."""
+
+    min_density: float
+
+    @abc.abstractmethod
+    def mask(
+        self,
+        scores: Scores,
+        sparsity: Sparsity | None,
+        *,
+        granularity: Granularity = Element(),
+        include: LeafSelector = None,
+        reduce: Reduce = "l1",
+    ) -> Mask:
+        """The mask these scores give at ``sparsity`` (see :func:`topk_mask`)."""
+
+
+class Allocation(Distribution):
+    """A distribution that allocates a target per leaf, then selects each
+    leaf by its own threshold."""
 
     @abc.abstractmethod
     def allocate(
@@ -51,9 +87,25 @@ class Distribution(abc.ABC):
           include: which leaves are pruned.
 
         Returns:
-          A pytree mirroring ``params``: a scalar sparsity per pruned leaf and
-          ``None`` per dense leaf.
+          A pytree mirroring ``params``: a scalar sparsity (in ``[0, 1]``) per
+          pruned leaf and ``None`` per dense leaf.
         """
+
+    def mask(
+        self,
+        scores: Scores,
+        sparsity: Sparsity | None,
+        *,
+        granularity: Granularity = Element(),
+        include: LeafSelector = None,
+        reduce: Reduce = "l1",
+    ) -> Mask:
+        if granularity.fixed_sparsity is not None:
+            return layerwise_mask(
+                scores, None, granularity=granularity, include=include
+            )
+        targets = self.allocate(scores, sparsity, include=include)
+        return layerwise_mask(scores, targets, granularity=granularity, reduce=reduce)
 
 
 def _check_density(min_density: float, owner: str) -> None:
@@ -126,12 +178,33 @@ def _allocate(
     return _tree.map_selected(lambda p, x: by_path[_tree.path_str(p)], params, include)
 
 
+def _capped(sparsity: Any, size: int, min_density: float) -> Any:
+    """``sparsity`` lowered, if needed, so ``ceil(min_density * size)``
+    entries stay."""
+    if min_density == 0.0:
+        return sparsity
+    most = (size - math.ceil(min_density * size)) / size
+    value = _tree.concrete_float(sparsity)
+    if value is not None:
+        return min(value, most)
+    return jnp.minimum(jnp.asarray(sparsity, jnp.float32), most)
+
+
 @dataclasses.dataclass(frozen=True)
-class Uniform(Distribution):
-    """Every leaf gets the overall sparsity (up to one entry of rounding).
+class Uniform(Allocation):
+    """Every leaf pruned to exactly ``round(sparsity * n_leaf)``, as
+    :func:`jaxsparse.layerwise_mask` does.
 
     Args:
       min_density: a floor on each leaf's density, in ``[0, 1]``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> params = {"a": jnp.ones((4, 4)), "b": jnp.ones((2, 2))}
+      >>> Uniform().allocate(params, 0.5)
+      {'a': 0.5, 'b': 0.5}
+      >>> Uniform(min_density=0.75).allocate(params, 0.5)
+      {'a': 0.25, 'b': 0.25}
     """
 
     min_density: float = 0.0
@@ -140,20 +213,33 @@ class Uniform(Distribution):
         _check_density(self.min_density, "Uniform")
 
     def allocate(self, params, sparsity, *, include=None):
-        return _allocate(params, sparsity, include, lambda x: 1.0, self.min_density)
+        _tree.check_sparsity(sparsity)
+        return _tree.map_selected(
+            lambda _, x: _capped(sparsity, int(np.size(x)), self.min_density),
+            params,
+            include,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
-class ERK(Distribution):
+class ERK(Allocation):
     """Erdős–Rényi-Kernel: density proportional to ``sum(shape) / prod(shape)``.
 
     The factor is scaled so the overall sparsity matches; a leaf whose
     density would exceed 1 stays dense and the others absorb the difference.
+    The per-leaf counts add up to ``round(sparsity * total)``.
 
     Args:
       power_scale: exponent on the ERK ratio (1 is the paper's ERK, 0 is
-        uniform), as in the RigL code.
+        uniform in density but still exact in the total), as in the RigL
+        code.
       min_density: a floor on each leaf's density, in ``[0, 1]``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> params = {"a": jnp.ones((10, 10)), "b": jnp.ones((10, 2))}
+      >>> ERK().allocate(params, 0.5)  # 60 + 0 = round(0.5 * 120) pruned
+      {'a': 0.6, 'b': 0.0}
 
     References:
       Evci et al. 2020, "Rigging the Lottery", §3 and appendix; Mocanu et al.
@@ -189,35 +275,67 @@ class Global(Distribution):
     def __post_init__(self):
         _check_density(self.min_density, "Global")
 
-    def allocate(self, params, sparsity, *, include=None):
-        raise TypeError(
-            "Global allocates by score, not by shape; select with "
-            "jaxsparse.global_mask or jaxsparse.topk_mask"
+    def mask(
+        self,
+        scores,
+        sparsity,
+        *,
+        granularity=Element(),
+        include=None,
+        reduce="l1",
+    ):
+        return global_mask(
+            scores,
+            sparsity,
+            granularity=granularity,
+            include=include,
+            reduce=reduce,
+            min_density=self.min_density,
         )
 
 
 @dataclasses.dataclass(frozen=True)
-class Custom(Distribution):
+class Custom(Allocation):
     """Explicit per-leaf sparsities keyed by regular expressions.
 
-    Each selected leaf takes the value of the first pattern found in its
-    ``/``-joined path; a selected leaf that no pattern matches stays dense.
-    There is no overall target: pass ``sparsity=None``.
+    Each selected leaf takes the value ``c`` of the first pattern found in
+    its ``/``-joined path (1 removes the whole leaf); a selected leaf that no
+    pattern matches stays dense.
+
+    - With ``sparsity=None`` every leaf gets its own ``c``.
+    - With an overall target ``s`` (a schedule's value), every leaf gets
+      ``min(1, c * s / c_bar)``, where ``c_bar`` is the overall sparsity the
+      map itself reaches over the selected leaves (:meth:`overall`): the
+      map's shape is kept and scaled, so a schedule that ends at ``c_bar``
+      reaches every leaf's own target, as in Han et al.'s per-layer ratios
+      reached by iterative pruning.
 
     Args:
-      sparsities: a mapping (or pairs) from pattern to sparsity in ``[0, 1)``.
+      sparsities: a mapping (or pairs) from pattern to sparsity in ``[0, 1]``.
+      min_density: a floor on each leaf's density, in ``[0, 1]``.
 
     Example:
       >>> import jax.numpy as jnp
       >>> from jaxsparse.distribution import Custom
-      >>> params = {"a": jnp.ones((4, 4)), "b": jnp.ones((4, 2))}
-      >>> Custom({"a": 0.5}).allocate(params, None)
+      >>> params = {"a": jnp.ones((4, 4)), "b": jnp.ones((4, 4))}
+      >>> custom = Custom({"a": 0.5})
+      >>> custom.allocate(params, None)
       {'a': 0.5, 'b': None}
+      >>> custom.overall(params)
+      0.25
+      >>> custom.allocate(params, 0.125)  # half way there
+      {'a': 0.25, 'b': None}
+
+    References:
+      Han et al. 2015, "Learning both weights and connections", §4 (per-layer
+      pruning ratios); Hoefler et al. 2021, §3.2.
     """
 
     sparsities: tuple[tuple[str, float], ...]
+    min_density: float = 0.0
 
     def __post_init__(self):
+        _check_density(self.min_density, "Custom")
         pairs = (
             tuple(self.sparsities.items())
             if isinstance(self.sparsities, Mapping)
@@ -225,21 +343,94 @@ class Custom(Distribution):
         )
         for pattern, value in pairs:
             re.compile(pattern)
-            _tree.check_sparsity(value, where=f"Custom: sparsity for {pattern!r}")
+            _tree.check_sparsity(
+                value, where=f"Custom: sparsity for {pattern!r}", whole=True
+            )
         object.__setattr__(self, "sparsities", pairs)
 
+    def _lookup(self, path) -> float | None:
+        name = _tree.path_str(path)
+        for pattern, value in self.sparsities:
+            if re.search(pattern, name):
+                return float(value)
+        return None
+
+    def overall(self, params: Params, *, include: LeafSelector = None) -> float:
+        """The fraction of the selected entries the map itself prunes."""
+        chosen = list(_tree.selected(params, include))
+        total = sum(int(np.size(x)) for _, x in chosen)
+        pruned = sum((self._lookup(p) or 0.0) * int(np.size(x)) for p, x in chosen)
+        return pruned / total if total else 0.0
+
     def allocate(self, params, sparsity, *, include=None):
+        scale = None
         if sparsity is not None:
-            raise ValueError(
-                f"Custom sets every leaf's sparsity itself; pass sparsity=None, "
-                f"got {sparsity!r}"
-            )
+            _tree.check_sparsity(sparsity)
+            reach = self.overall(params, include=include)
+            if reach == 0.0:
+                raise ValueError(
+                    "Custom: the map prunes nothing of the selected leaves, so an "
+                    "overall target cannot scale it"
+                )
+            scale = sparsity / reach
 
-        def lookup(path, _):
-            name = _tree.path_str(path)
-            for pattern, value in self.sparsities:
-                if re.search(pattern, name):
-                    return value
-            return None
+        def leaf(path, x):
+            value = self._lookup(path)
+            if value is None:
+                return None
+            if scale is not None:
+                value = (
+                    min(1.0, value * scale)
+                    if _tree.concrete_float(scale) is not None
+                    else jnp.minimum(1.0, value * jnp.asarray(scale, jnp.float32))
+                )
+            return _capped(value, int(np.size(x)), self.min_density)
 
-        return _tree.map_selected(lookup, params, include)
+        return _tree.map_selected(leaf, params, include)
+
+
+def topk_mask(
+    scores: Scores,
+    sparsity: Sparsity | None,
+    *,
+    distribution: Distribution = Uniform(),
+    granularity: Granularity = Element(),
+    include: LeafSelector = None,
+    reduce: Reduce = "l1",
+) -> Mask:
+    """Selects a mask from scores for one overall target, as ``distribution``
+    spreads it across leaves (``distribution.mask(...)``).
+
+    :class:`Global` selects with one threshold (:func:`jaxsparse.global_mask`);
+    every other distribution allocates per-leaf targets and selects
+    layer-wise (:func:`jaxsparse.layerwise_mask`).
+
+    Args:
+      scores: a pytree of float scores (higher means keep).
+      sparsity: the overall fraction to prune, in ``[0, 1)`` (may be traced;
+        ``None`` for :class:`~jaxsparse.NM` or a :class:`Custom` map).
+      distribution: how the target is spread over leaves.
+      granularity: which entries are removed together.
+      include: which leaves are pruned.
+      reduce: group reduction, as in :func:`jaxsparse.layerwise_mask`.
+
+    Returns:
+      A mask pytree.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxsparse as js
+      >>> scores = {"a": jnp.arange(1.0, 9.0).reshape(2, 4), "b": jnp.ones((1, 1))}
+      >>> js.topk_mask(scores, 0.9, distribution=js.ERK())["b"]
+      Array([[False]], dtype=bool)
+
+    References:
+      Hoefler et al. 2021, §3.1–3.2; Evci et al. 2020 (ERK).
+    """
+    if not isinstance(distribution, Distribution):
+        raise TypeError(
+            "distribution must be Uniform(), ERK(), Global() or Custom(...), "
+            f"got {distribution!r}"
+        )
+    return distribution.mask(
+        scores, sparsity, granularity=granularity, include=include, reduce=reduce
+    )

@@ -26,8 +26,7 @@ from jaxsparse import _tree, blocks
 from jaxsparse._types import LossFn, Mask, Params, Scores, Sparsity
 from jaxsparse.blocks import BlockInverse
 from jaxsparse.curvature import hvp
-from jaxsparse.distribution import Distribution, Global
-from jaxsparse.masks import topk_mask
+from jaxsparse.distribution import Distribution, Global, topk_mask
 
 
 def _check_covered(params: Params, tree: Any, name: str, shapes: bool = True) -> None:

@@ -43,6 +43,12 @@ class Granularity(Protocol):
     def expand(self, group_mask: jax.Array, shape: tuple[int, ...]) -> jax.Array:
         """Broadcasts a group mask back to the element shape."""
 
+    @property
+    def fixed_sparsity(self) -> float | None:
+        """The sparsity the pattern itself fixes (:class:`NM`), or ``None``
+        when a target chooses it. A pattern that fixes it selects alone,
+        with ``keep(scores) -> element mask``."""
+
 
 def _reduce(x: jax.Array, axes: tuple[int, ...], reduce: Reduce) -> jax.Array:
     if reduce not in _REDUCTIONS:
@@ -76,10 +82,9 @@ class _SplitAxis:
 
     axis: int
     _reduce_inner: bool
-
-    @property
-    def _inner(self) -> int:
-        raise NotImplementedError
+    # Each subclass defines _inner, the length of the split-off inner axis.
+    _inner: int
+    fixed_sparsity = None
 
     def _reduced(self, axis: int) -> int:
         return axis + 1 if self._reduce_inner else axis
@@ -113,6 +118,8 @@ class _SplitAxis:
 class Element:
     """Unstructured: every entry is its own group; scores are used as given."""
 
+    fixed_sparsity = None
+
     def check(self, shape: tuple[int, ...], path: str) -> None:
         del shape, path
 
@@ -135,6 +142,8 @@ class Block:
     A block with fewer dimensions than the leaf covers its last dimensions
     (size 1 along the leading ones). Stored with one index per block.
     """
+
+    fixed_sparsity = None
 
     shape: tuple[int, ...]
 
@@ -175,6 +184,8 @@ class Channel:
     """All entries sharing an index along ``axis``: a neuron of a dense kernel
     ``(in, out)`` with ``axis=-1``, a filter of a conv kernel ``HWIO`` with
     ``axis=-1``, an input channel with ``axis=-2``."""
+
+    fixed_sparsity = None
 
     axis: int = -1
 
@@ -238,7 +249,7 @@ class NM(_SplitAxis):
             raise ValueError(f"NM: n must not exceed m, got {self.n}:{self.m}")
 
     @property
-    def sparsity(self) -> float:
+    def fixed_sparsity(self) -> float:
         return 1.0 - self.n / self.m
 
     _reduce_inner = True

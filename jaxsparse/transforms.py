@@ -42,8 +42,8 @@ from jax import lax, tree_util
 from jaxsparse import _tree
 from jaxsparse._select import prune_lowest
 from jaxsparse._types import LeafSelector, Mask, Params, Scores
-from jaxsparse.distribution import Distribution, Uniform
-from jaxsparse.masks import apply_mask, dense_mask, topk_mask
+from jaxsparse.distribution import Distribution, Uniform, topk_mask
+from jaxsparse.masks import apply_mask, dense_mask
 from jaxsparse.saliency import random as random_scores
 from jaxsparse.schedules import AdaptiveSchedule, Schedule, cosine_drop_fraction
 from jaxsparse.structure import Element, Granularity, Reduce

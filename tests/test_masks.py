@@ -182,8 +182,11 @@ def test_per_leaf_sparsity_tree():
     np.testing.assert_array_equal(np.asarray(mask["a"]).ravel(), np.arange(10) >= 2)
     with pytest.raises(ValueError, match="sparsity tree does not match"):
         js.layerwise_mask(scores, {"a": 0.2})
-    with pytest.raises(ValueError, match=re.escape("b: sparsity must be in [0, 1)")):
-        js.layerwise_mask(scores, {"a": 0.2, "b": 1.0})
+    # A per-leaf target may remove the whole leaf; above 1 it is refused.
+    whole = js.layerwise_mask(scores, {"a": 0.2, "b": 1.0})
+    assert not np.asarray(whole["b"]).any()
+    with pytest.raises(ValueError, match=re.escape("b: sparsity must be in [0, 1]")):
+        js.layerwise_mask(scores, {"a": 0.2, "b": 1.5})
 
 
 @pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5, float("nan")])
