@@ -130,14 +130,36 @@ def sigmoid_l0(
     )
 
 
+def _safe_ratio(num: jax.Array, den: jax.Array) -> jax.Array:
+    """``num / den``, and 0 with a 0 gradient where ``den`` is 0 (the double
+    ``where`` keeps NaN out of the backward pass)."""
+    nonzero = den > 0
+    return jnp.where(nonzero, num / jnp.where(nonzero, den, 1), 0)
+
+
+def _norm(w: jax.Array, axis=None) -> jax.Array:
+    """``||w||_2`` whose gradient is 0 (not NaN) at ``w = 0``."""
+    squares = jnp.sum(jnp.square(w), axis=axis)
+    nonzero = squares > 0
+    return jnp.where(nonzero, jnp.sqrt(jnp.where(nonzero, squares, 1)), 0)
+
+
 def _hoyer_leaf(w: jax.Array, square: bool) -> jax.Array:
-    a = jnp.sum(jnp.abs(w))
-    b = jnp.sqrt(jnp.sum(jnp.square(w)))
-    return jnp.square(a) / jnp.square(b) if square else a / b
+    a = jnp.sum(_abs(w))
+    if square:
+        return _safe_ratio(jnp.square(a), jnp.sum(jnp.square(w)))
+    return _safe_ratio(a, _norm(w))
 
 
 def hoyer(params: Params, *, include: LeafSelector = None) -> jax.Array:
     """Hoyer regularizer ``||w||_1 / ||w||_2`` per leaf, summed; scale-invariant.
+
+    An all-zero leaf contributes 0 with a 0 gradient.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> round(float(hoyer({"w": jnp.array([[3.0, -4.0]]), "z": jnp.zeros((2, 2))})), 4)
+      1.4
 
     References:
       Hoyer 2004; Yang et al. 2020 (DeepHoyer), eq. 3.
@@ -147,6 +169,8 @@ def hoyer(params: Params, *, include: LeafSelector = None) -> jax.Array:
 
 def hoyer_square(params: Params, *, include: LeafSelector = None) -> jax.Array:
     """Hoyer-Square ``||w||_1^2 / ||w||_2^2`` per leaf, summed; scale-invariant.
+
+    An all-zero leaf contributes 0 with a 0 gradient.
 
     References:
       Yang et al. 2020 (DeepHoyer), eq. 4; Hoefler et al. 2021, §3.6.
@@ -173,27 +197,49 @@ def group_lasso(
 
     def leaf(w):
         size = w.size / num_groups(granularity, tuple(w.shape))
-        return math.sqrt(size) * jnp.sum(granularity.group_scores(w, "l2"))
+        squares = granularity.group_scores(jnp.square(w), "sum")
+        nonzero = squares > 0
+        norms = jnp.where(nonzero, jnp.sqrt(jnp.where(nonzero, squares, 1)), 0)
+        return math.sqrt(size) * jnp.sum(norms)
 
     return _sum_selected(leaf, params, include)
 
 
 def polarization(
-    params: Params, t: float, *, include: LeafSelector = None
+    params: Params, t: float, *, include: LeafSelector = None, per_leaf: bool = False
 ) -> jax.Array:
-    """Polarization ``t ||a||_1 - ||a - mean(a)||_1`` per leaf, summed
-    (usually over scaling factors such as batch-norm gammas: pass
-    ``include``). It pushes some factors to 0 and the others away from it.
+    """Polarization ``t ||a||_1 - ||a - mean(a) 1||_1`` over the scaling
+    factors ``a`` (usually batch-norm gammas: pass ``include``). It pushes
+    some factors to 0 and the others away from it.
+
+    As in the paper, ``a`` is every selected factor of the network and
+    ``mean(a)`` their mean over all ``n`` of them (Zhuang et al. 2020, §3.2:
+    "the average of all the scaling factors"); ``per_leaf=True`` takes the
+    mean of each leaf separately and sums the per-leaf terms instead.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> gammas = {"bn1": jnp.array([0.0, 1.0]), "bn2": jnp.array([3.0, 1.0])}
+      >>> float(polarization(gammas, 1.0, include=lambda p, x: True))  # 5 - 3.5
+      1.5
+      >>> float(polarization(gammas, 1.0, include=lambda p, x: True, per_leaf=True))
+      2.0
 
     References:
-      Zhuang et al. 2020, eq. 2; Hoefler et al. 2021, §3.6.
+      Zhuang et al. 2020, "Neuron-level structured pruning using polarization
+      regularizer", eq. 2 and §3.2; Hoefler et al. 2021, §3.6.
     """
     _non_negative(t, "t")
-    return _sum_selected(
-        lambda a: t * jnp.sum(jnp.abs(a)) - jnp.sum(jnp.abs(a - jnp.mean(a))),
-        params,
-        include,
-    )
+
+    def term(a):
+        return t * jnp.sum(_abs(a)) - jnp.sum(_abs(a - jnp.mean(a)))
+
+    if per_leaf:
+        return _sum_selected(term, params, include)
+    leaves = [x.ravel() for _, x in _tree.selected(params, include)]
+    if not leaves:
+        return jnp.zeros(())
+    return term(jnp.concatenate(leaves))
 
 
 def learned_threshold(x: jax.Array, t: jax.Array, beta: float) -> jax.Array:

@@ -240,3 +240,61 @@ def test_thresholds_per_group_broadcast():
     out = np.asarray(rg.apply_thresholds(p, t, 1000.0)["w"])
     assert abs(out[0, 0]) < 1e-3 and out[0, 1] == pytest.approx(0.2, abs=1e-3)
     assert out[1, 0] == pytest.approx(-0.5, abs=1e-3)
+
+
+ZERO_SAFE = {
+    "l1": rg.l1,
+    "hoyer": rg.hoyer,
+    "hoyer_square": rg.hoyer_square,
+    "group_lasso": lambda p: rg.group_lasso(p, js.Channel(-1)),
+    "polarization": lambda p: rg.polarization(p, 1.5),
+    "polarization_per_leaf": lambda p: rg.polarization(p, 1.5, per_leaf=True),
+    "sigmoid_l0": lambda p: rg.sigmoid_l0(p, 3.0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ZERO_SAFE))
+def test_every_penalty_is_zero_with_zero_gradient_at_an_all_zero_leaf(name):
+    """Regression: hoyer and hoyer_square returned NaN on an all-zero leaf."""
+    fn = ZERO_SAFE[name]
+    zero = {"w": jnp.zeros((3, 4))}
+    assert float(fn(zero)) == 0.0
+    grads = jax.grad(fn)(zero)["w"]
+    np.testing.assert_array_equal(grads, np.zeros((3, 4)))
+
+
+def test_exact_zero_entries_take_the_subgradient_zero():
+    """Regression: hoyer_square's gradient at an exact zero entry was 0.857
+    and polarization's t-term 0.5 (jnp.abs differentiates to 1 at 0)."""
+    w = jnp.array([[0.0, 1.0, -2.0], [3.0, 0.0, 0.5]])
+    p = {"w": w}
+    zeros = np.asarray(w) == 0
+    for name in ("l1", "hoyer", "hoyer_square"):
+        g = np.asarray(jax.grad(ZERO_SAFE[name])(p)["w"])
+        np.testing.assert_array_equal(g[zeros], 0.0, err_msg=name)
+    # Polarization: the t-term contributes sign(0) = 0; the mean term stays.
+    t = 1.5
+    a = np.asarray(w).ravel()
+    m = a.mean()
+    expected = t * np.sign(a) - np.sign(a - m) + np.sign(a - m).mean()
+    got = jax.grad(lambda p: rg.polarization(p, t))(p)["w"]
+    np.testing.assert_allclose(np.asarray(got).ravel(), expected, atol=1e-6)
+
+
+def test_polarization_takes_the_mean_over_all_factors():
+    """Zhuang et al. 2020 subtract the mean of every scaling factor of the
+    network, not of each layer."""
+    g = {"bn1": jnp.array([0.1, 1.2, 0.0]), "bn2": jnp.array([2.0, 0.7])}
+    every = lambda p, x: True  # noqa: E731
+    a = np.concatenate([np.asarray(g["bn1"]), np.asarray(g["bn2"])])
+    want = 2.0 * np.abs(a).sum() - np.abs(a - a.mean()).sum()
+    got = float(rg.polarization(g, 2.0, include=every))
+    assert got == pytest.approx(want, rel=1e-6)
+    per_leaf = sum(
+        2.0 * np.abs(x).sum() - np.abs(x - x.mean()).sum()
+        for x in map(np.asarray, g.values())
+    )
+    assert float(
+        rg.polarization(g, 2.0, include=every, per_leaf=True)
+    ) == pytest.approx(per_leaf, rel=1e-6)
+    assert abs(got - per_leaf) > 0.1
