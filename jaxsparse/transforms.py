@@ -32,7 +32,7 @@ References:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -427,11 +427,21 @@ def _drop_and_grow_rule(
     distribution: Distribution,
     include: LeafSelector,
     init_criterion: Criterion,
+    drop: str,
+    decay: str,
 ) -> _MaskRule:
     _tree.check_sparsity(sparsity)
     for value, label in ((every, "every"), (end, "end")):
         _tree.check_positive_int(value, label)
-    fraction = cosine_drop_fraction(drop_fraction, end=end)
+    if drop not in ("magnitude", "signed"):
+        raise ValueError(f"drop must be 'magnitude' or 'signed', got {drop!r}")
+    if decay == "cosine":
+        fraction = cosine_drop_fraction(drop_fraction, end=end)
+    elif decay == "constant":
+        _tree.check_sparsity(drop_fraction, where="drop_fraction")
+        fraction = lambda count: jnp.asarray(drop_fraction, jnp.float32)  # noqa: E731
+    else:
+        raise ValueError(f"drop_decay must be 'cosine' or 'constant', got {decay!r}")
     call_grow, _ = _criterion_caller(grow, "grow")
     call_init, _ = _criterion_caller(init_criterion, "init_criterion")
 
@@ -456,17 +466,39 @@ def _drop_and_grow_rule(
             )
             idx = [i for i, m in enumerate(masks) if m is not None]
             frac = fraction(count)
-            # Each leaf drops and regrows the same number, so its sparsity
-            # never moves.
-            counts = [
-                jnp.round(
-                    frac * jnp.sum(masks[i], dtype=jnp.int32).astype(jnp.float32)
-                ).astype(jnp.int32)
-                for i in idx
-            ]
-            dropped = prune_lowest(
-                [[jnp.abs(weights[i])] for i in idx], counts, [[masks[i]] for i in idx]
-            )
+
+            def share(active):
+                total = jnp.sum(active, dtype=jnp.int32).astype(jnp.float32)
+                return jnp.round(frac * total).astype(jnp.int32)
+
+            if drop == "signed":
+                # SET: the fraction of the smallest positive weights and of
+                # the largest negative ones, each counted on its own side.
+                positive = [masks[i] & (weights[i] > 0) for i in idx]
+                negative = [masks[i] & (weights[i] < 0) for i in idx]
+                low = prune_lowest(
+                    [[weights[i].astype(jnp.float32)] for i in idx],
+                    [share(a) for a in positive],
+                    [[a] for a in positive],
+                )
+                high = prune_lowest(
+                    [[-weights[i].astype(jnp.float32)] for i in idx],
+                    [share(a) for a in negative],
+                    [[a] for a in negative],
+                )
+                dropped = [[lo[0] | hi[0]] for lo, hi in zip(low, high)]
+                counts = [
+                    share(p) + share(n) for p, n in zip(positive, negative)
+                ]
+            else:
+                counts = [share(masks[i]) for i in idx]
+                dropped = prune_lowest(
+                    [[jnp.abs(weights[i])] for i in idx],
+                    counts,
+                    [[masks[i]] for i in idx],
+                )
+            # Each leaf regrows as many as it dropped, so its sparsity never
+            # moves.
             after = [masks[i] & ~d[0] for i, d in zip(idx, dropped)]
             grown = prune_lowest(
                 [[-scores[i].astype(jnp.float32)] for i in idx],
@@ -497,15 +529,23 @@ def dynamic_sparse(
     distribution: Distribution = Uniform(),
     include: LeafSelector = None,
     init_criterion: Criterion = random_scores,
+    drop: Literal["magnitude", "signed"] = "magnitude",
+    drop_decay: Literal["cosine", "constant"] = "cosine",
 ) -> optax.GradientTransformationExtraArgs:
     """Dynamic sparse training at constant sparsity: drop and grow.
 
     The mask starts from ``init_criterion`` (random by default) at
     ``sparsity``. Every ``every`` steps before ``end`` (not at step 0), each
-    leaf drops the fraction ``drop_fraction / 2 (1 + cos(pi t / end))`` of
-    its active weights with the smallest magnitude and grows as many where
+    leaf drops a fraction of its active weights and grows as many where
     ``grow`` scores highest among the inactive ones (a weight just dropped
     may be regrown). Grown weights start at 0 with zeroed optimizer state.
+
+    - ``drop="magnitude"`` drops the fraction with the smallest ``|w|``
+      (RigL); ``drop="signed"`` drops the fraction of the smallest positive
+      weights and the same fraction of the largest negative ones (SET).
+    - ``drop_decay="cosine"`` decays the fraction as
+      ``drop_fraction / 2 (1 + cos(pi t / end))`` (RigL, eq. 1);
+      ``"constant"`` keeps ``drop_fraction`` (SET's zeta).
 
     Args:
       inner: the optimizer to wrap.
@@ -515,10 +555,12 @@ def dynamic_sparse(
       every: steps between mask updates (``Delta T``).
       end: no updates from this step on (``T_end``).
       key: PRNG key (or int seed) for the initial mask and random growth.
-      drop_fraction: the initial drop fraction (0.3 in RigL).
+      drop_fraction: the (initial) drop fraction (0.3 in RigL and SET).
       distribution: how ``sparsity`` is spread over leaves (RigL uses ERK).
       include: which leaves are sparse.
       init_criterion: scores for the initial mask.
+      drop: which active weights are dropped.
+      drop_decay: how the drop fraction changes over steps.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with a :class:`SparsifyState`.
@@ -528,7 +570,16 @@ def dynamic_sparse(
       Hoefler et al. 2021, §4.
     """
     rule = _drop_and_grow_rule(
-        grow, sparsity, every, end, drop_fraction, distribution, include, init_criterion
+        grow,
+        sparsity,
+        every,
+        end,
+        drop_fraction,
+        distribution,
+        include,
+        init_criterion,
+        drop,
+        drop_decay,
     )
     return _wrapper_form(inner, rule, key, "dynamic_sparse")
 
@@ -577,13 +628,24 @@ def sparse_evolutionary(
     drop_fraction: float = 0.3,
     distribution: Distribution = Uniform(),
     include: LeafSelector = None,
+    drop: Literal["magnitude", "signed"] = "signed",
+    drop_decay: Literal["cosine", "constant"] = "constant",
 ) -> optax.GradientTransformationExtraArgs:
-    """SET: drop the smallest magnitudes, grow at random (see
-    :func:`dynamic_sparse` for the arguments).
+    """SET: every ``every`` steps (an epoch in the paper) remove the fraction
+    ``zeta = drop_fraction`` of the smallest positive weights and of the
+    largest negative weights of each layer, and regrow as many at random
+    (see :func:`dynamic_sparse` for the arguments).
+
+    The defaults follow the paper: a constant ``zeta = 0.3`` and the signed
+    drop rule (Mocanu et al. 2018, Methods, "SET": "the fraction zeta of
+    the smallest positive weights and the largest negative weights ... is
+    removed"). ``drop="magnitude"`` and ``drop_decay="cosine"`` give RigL's
+    rules with random growth instead.
 
     References:
       Mocanu et al. 2018, "Scalable training of artificial neural networks
-      with adaptive sparse connectivity"; Hoefler et al. 2021, §4.
+      with adaptive sparse connectivity", Methods and Algorithm 1;
+      Hoefler et al. 2021, §4.
     """
     return dynamic_sparse(
         inner,
@@ -595,4 +657,6 @@ def sparse_evolutionary(
         drop_fraction=drop_fraction,
         distribution=distribution,
         include=include,
+        drop=drop,
+        drop_decay=drop_decay,
     )

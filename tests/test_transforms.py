@@ -384,3 +384,76 @@ def test_example_linen_train_state():
 def test_example_general_schedule():
     report = load_example("general_schedule").main(steps_per_phase=15)
     assert report.sparsity == pytest.approx(0.9, abs=1e-3)
+
+
+def test_set_drops_smallest_positive_and_largest_negative_by_a_constant_zeta():
+    """Mocanu et al. 2018: remove zeta of the smallest positive weights and
+    zeta of the largest negative ones, regrow as many; zeta is constant."""
+    active = [0.2, 0.3, 0.5, 0.9, 1.5, 3.0, -0.05, -0.06, -0.07, -3.0]
+    params = {"w": jnp.array([active + [0.0] * 10])}
+    # Grow where the weights were inactive, so the drop is seen alone.
+    grow_scores = {"w": jnp.array([[0.0] * 10 + [1.0] * 10])}
+    for t in (10, 90):
+        tx = js.dynamic_sparse(
+            optax.sgd(0.0),
+            lambda params: grow_scores,
+            0.5,
+            every=10,
+            end=100,
+            key=0,
+            drop_fraction=0.5,
+            init_criterion=js.saliency.magnitude,
+            drop="signed",
+            drop_decay="constant",
+        )
+        state = tx.init(params)
+        state = state._replace(count=jnp.asarray(t, jnp.int32))
+        _, state = tx.update(jax.tree.map(jnp.zeros_like, params), state, params)
+        kept = np.asarray(state.mask["w"])[0]
+        # 3 of 6 positives (0.2, 0.3, 0.5), 2 of 4 negatives (-0.05, -0.06);
+        # magnitude would have dropped -0.07 instead of 0.5.
+        want = [False, False, False, True, True, True, False, False, True, True]
+        np.testing.assert_array_equal(kept[:10], want, err_msg=str(t))
+        assert kept[10:].sum() == 5
+    with pytest.raises(ValueError, match="drop must be"):
+        js.dynamic_sparse(
+            optax.sgd(0.1),
+            js.saliency.magnitude,
+            0.5,
+            every=1,
+            end=2,
+            key=0,
+            drop="largest",
+        )
+
+
+def test_sparse_evolutionary_defaults_to_the_paper():
+    def states(tx):
+        out = []
+        run(tx, 45, on_step=lambda t, p, s: out.append(optax.tree.get(s, "mask")))
+        return out
+
+    paper = js.dynamic_sparse(
+        base(),
+        js.saliency.random,
+        0.8,
+        every=10,
+        end=100,
+        key=3,
+        drop="signed",
+        drop_decay="constant",
+    )
+    set_ = js.sparse_evolutionary(base(), 0.8, every=10, end=100, key=3)
+    rigl_like = js.sparse_evolutionary(
+        base(),
+        0.8,
+        every=10,
+        end=100,
+        key=3,
+        drop="magnitude",
+        drop_decay="cosine",
+    )
+    a, b, c = states(paper), states(set_), states(rigl_like)
+    for x, y in zip(a, b):
+        jax.tree.map(np.testing.assert_array_equal, x, y)
+    assert any(float(js.schedules.mask_distance(x, z)) > 0 for x, z in zip(a, c))
