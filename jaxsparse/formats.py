@@ -14,9 +14,11 @@ dense             ``n k``
 bitmap            ``n + m k``
 coo               ``m (k + lg n)``
 delta             ``m (k + lg d_max)``; gaps ``d >= 1`` stored as ``d - 1``
-padded_delta      ``m' (k + b)``, ``b = max(1, lg d_mean)``; a gap above
-                  ``2^b - 1`` is bridged by explicit zero entries, ``m'``
-                  counts them
+padded_delta      ``m' (k + b)``, ``b = lg d_mean``; each distance ``d`` is
+                  stored as ``d - 1`` (``b`` bits hold ``1 ... 2^b``), a
+                  distance above ``2^b`` is bridged by explicit zero
+                  entries that each advance ``2^b`` slots; ``m'`` counts
+                  them
 csr / csc         ``m lg n_c + (n_r + 1) lg(m + 1) + m k`` (rows / columns
                   of the tensor viewed as ``shape[0] x rest``)
 bcsr              the same over blocks: one column index per non-zero block
@@ -154,14 +156,14 @@ def encode(x, format: str, *, k: int | None = None, block=None, nm=None) -> Enco
     if format == "padded_delta":
         gaps = _gaps(offsets)
         width = padded_width(n, m, int(offsets[-1]) + 1 if m else 0)
-        limit = 2**width - 1
+        reach = 2**width
         stored, stored_values = [], []
         for gap, value in zip(gaps.tolist(), values.tolist()):
-            while gap > limit:
-                stored.append(limit)
-                stored_values.append(0)
-                gap -= limit
-            stored.append(gap)
+            # A padding entry (value 0) advances the full reach of a code.
+            pads = -(-gap // reach) - 1
+            stored.extend([reach - 1] * pads)
+            stored_values.extend([0] * pads)
+            stored.append(gap - pads * reach - 1)
             stored_values.append(value)
         count = len(stored)
         return make(
@@ -241,11 +243,12 @@ def encode(x, format: str, *, k: int | None = None, block=None, nm=None) -> Enco
 
 
 def padded_width(n: int, m: int, span: int) -> int:
-    """``b = max(1, ceil(log2 d_mean))`` with ``d_mean = span / m`` the mean
-    gap (``span`` = last offset + 1)."""
-    if m == 0:
-        return 1
-    return max(1, math.ceil(math.log2(span / m)) if span > m else 0)
+    """``b = ceil(log2 d_mean)`` with ``d_mean = span / m`` the mean distance
+    (``span`` = last offset + 1); 0 when every slot up to ``span`` is
+    non-zero (each distance is then 1)."""
+    if m == 0 or span <= m:
+        return 0
+    return math.ceil(math.log2(span / m))
 
 
 def csr_bits(rows: int, cols: int, m: int, k: int) -> int:
@@ -308,16 +311,10 @@ def decode(enc: Encoding) -> np.ndarray:
         gaps = a["gaps"].astype(np.int64)
         _check(gaps.size == a["values"].size, "gaps and values differ in length")
         width = enc.meta["width"]
-        if fmt == "delta":
-            _check(
-                bool(np.all((gaps >= 0) & (gaps < 2**width))), "a gap exceeds its width"
-            )
-            offsets = np.cumsum(gaps + 1) - 1
-        else:
-            _check(
-                bool(np.all((gaps >= 1) & (gaps < 2**width))), "a gap exceeds its width"
-            )
-            offsets = np.cumsum(gaps) - 1
+        _check(
+            bool(np.all((gaps >= 0) & (gaps < 2**width))), "a gap exceeds its width"
+        )
+        offsets = np.cumsum(gaps + 1) - 1
         _check(offsets.size == 0 or offsets[-1] < n, "an offset is out of range")
         out[offsets] = a["values"]
         return out.reshape(enc.shape)
@@ -391,13 +388,14 @@ def decode(enc: Encoding) -> np.ndarray:
 
 def expected_padded_entries(n: int, m: int, width: int) -> float:
     """Expected stored entries of ``padded_delta`` when the ``m`` non-zeros
-    are placed uniformly at random among ``n`` slots: gaps are close to
-    geometric with ``P(d > t) = s^t``, ``s = 1 - m/n``, so each gap needs
-    ``s^L / (1 - s^L)`` pads on average, ``L = 2^width - 1``."""
+    are placed uniformly at random among ``n`` slots: distances are close to
+    geometric with ``P(d > t) = s^t``, ``s = 1 - m/n``, so each needs
+    ``sum_j P(d > j L) = s^L / (1 - s^L)`` pads on average, ``L = 2^width``
+    (the reach of one code)."""
     if m == 0:
         return 0.0
     s = 1.0 - m / n
-    limit = 2**width - 1
+    limit = 2**width
     tail = s**limit
     return m * (1.0 + tail / (1.0 - tail)) if tail < 1 else math.inf
 
@@ -478,7 +476,7 @@ def facts(x) -> dict[str, Any]:
     m = offsets.size
     span = int(offsets[-1]) + 1 if m else 0
     width = padded_width(flat.size, m, span)
-    pads = int(np.sum(np.ceil(gaps / (2**width - 1)) - 1)) if m else 0
+    pads = int(np.sum(-(-gaps // 2**width) - 1)) if m else 0
     return {
         "max_gap": int(gaps.max()) if m else 1,
         "span": span,

@@ -182,12 +182,16 @@ class Phase(NamedTuple):
     sparsity: float | None
 
 
-def phases(phase_list: Sequence[Phase | tuple[int, float | None]]) -> Schedule:
+def phases(
+    phase_list: Sequence[Phase | tuple[int, float | None]], *, restore: bool = False
+) -> Schedule:
     """Alternating dense and sparse phases; the last phase lasts forever.
 
     A sparse phase recomputes the mask (the top-k projection) at its first
-    step and holds it; a dense phase frees every weight, and weights pruned
-    before it restart from 0.
+    step and holds it; a dense phase frees every weight. Weights pruned
+    before it restart from 0, or, with ``restore``, from the values they had
+    when they were pruned (the transforms then keep a copy of them: the
+    schedule's ``restores`` attribute tells them so).
 
     References:
       Hoefler et al. 2021, §2.4.3; Jin et al. 2016; Han et al. 2017.
@@ -212,6 +216,7 @@ def phases(phase_list: Sequence[Phase | tuple[int, float | None]]) -> Schedule:
         starts_now = jnp.any((count == start) & ~dense)
         return _target(values[index], starts_now, dense[index])
 
+    schedule.restores = bool(restore)
     return schedule
 
 
@@ -222,12 +227,19 @@ def iht(
     dense_steps: int,
     cycles: int,
     warmup: int = 0,
+    restore: bool = True,
 ) -> Schedule:
     """Iterative hard thresholding (Jin et al. 2016).
 
     After ``warmup`` dense steps: ``cycles`` times ``sparse_steps`` steps
     with the top-k projection then ``dense_steps`` steps with every weight
     free, and finally sparse for good.
+
+    As in the paper, a dense phase re-activates the truncated weights with
+    the values they had when truncated (Jin et al. 2016, §3: the sparse
+    phase "drop[s] connections" and freezes them, the dense phase
+    "re-activate[s] the frozen connections and train[s] the entire
+    network"); ``restore=False`` restarts them from 0 instead.
 
     References:
       Jin et al. 2016, "Training skinny deep neural networks with iterative
@@ -236,19 +248,26 @@ def iht(
     _tree.check_positive_int(cycles, "cycles")
     cycle = [Phase(sparse_steps, sparsity), Phase(dense_steps, None)] * cycles
     head = [Phase(warmup, None)] if warmup else []
-    return phases([*head, *cycle, Phase(1, sparsity)])
+    return phases([*head, *cycle, Phase(1, sparsity)], restore=restore)
 
 
-def dsd(sparsity: float, *, dense_steps: int, sparse_steps: int) -> Schedule:
+def dsd(
+    sparsity: float, *, dense_steps: int, sparse_steps: int, restore: bool = False
+) -> Schedule:
     """Dense-sparse-dense (Han et al. 2017): train dense, prune and train
-    sparse, then free the pruned weights (from 0) and train dense again.
+    sparse, then free the pruned weights and train dense again.
+
+    As in the paper the freed weights restart from 0 (Han et al. 2017, §2:
+    "re-initialize the pruned parameters from zero and retrain the whole
+    dense network"); ``restore=True`` brings back their pruned values.
 
     References:
       Han et al. 2017, "DSD: Dense-sparse-dense training", §2;
       Hoefler et al. 2021, §2.4.3.
     """
     return phases(
-        [Phase(dense_steps, None), Phase(sparse_steps, sparsity), Phase(1, None)]
+        [Phase(dense_steps, None), Phase(sparse_steps, sparsity), Phase(1, None)],
+        restore=restore,
     )
 
 

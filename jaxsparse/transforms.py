@@ -86,6 +86,36 @@ def _masked_updates(updates: Any, mask: Mask, params: Params) -> Any:
     )
 
 
+def _saved_init(rule, params: Params) -> Any:
+    """The copy of pruned values a restoring schedule needs (else ``None``)."""
+    if not rule.restores:
+        return None
+    return tree_util.tree_map(jnp.zeros_like, params)
+
+
+def _restore(updates, saved, old: Mask, new: Mask, params: Params):
+    """Remembers the values of weights pruned now and brings back those freed
+    now: their update becomes ``saved - param + update``."""
+    if saved is None:
+        return updates, saved
+
+    def leaf(u, s, o, n, p):
+        if n is None:
+            return u, s
+        pruned_now = o & ~n
+        freed_now = ~o & n
+        s = jnp.where(pruned_now, p, s)
+        return jnp.where(freed_now, (s - p).astype(u.dtype) + u, u), s
+
+    pairs = tree_util.tree_map(
+        leaf, updates, saved, old, new, params, is_leaf=_tree.is_none
+    )
+    outer = tree_util.tree_structure(updates)
+    return tree_util.tree_transpose(
+        outer, tree_util.tree_structure((0, 0)), pairs
+    )
+
+
 def _fill_like(mask: Mask, template: Mask) -> Mask:
     """``mask`` with an all-True leaf wherever ``template`` has one and
     ``mask`` has ``None`` (a distribution that left a leaf dense)."""
@@ -147,6 +177,8 @@ class _MaskRule(NamedTuple):
     """How a transform's mask starts and changes (shared by every form)."""
 
     needs_key: bool
+    restores: bool
+    """Whether freed weights come back with their pruned values."""
     init_mask: Callable[[Params, jax.Array], Mask]
     init_schedule: Callable[[], Any]
     step: Callable[..., tuple[Mask, Any, jax.Array]]
@@ -209,16 +241,19 @@ def _schedule_rule(
         # Entering a dense phase frees weights without an update step.
         return new, schedule_state, target.update | target.dense
 
-    return _MaskRule(needs_key, init_mask, init_schedule, step)
+    restores = bool(getattr(schedule, "restores", False))
+    return _MaskRule(needs_key, restores, init_mask, init_schedule, step)
 
 
 class PruneState(NamedTuple):
-    """State of :func:`prune`."""
+    """State of :func:`prune` (``saved``: the pruned weights' values, kept
+    only for a schedule that restores them, else ``None``)."""
 
     count: jax.Array
     mask: Mask
     key: jax.Array
     schedule_state: Any
+    saved: Any = None
 
 
 def _chain_form(rule: _MaskRule, key: Any, name: str):
@@ -231,6 +266,7 @@ def _chain_form(rule: _MaskRule, key: Any, name: str):
             rule.init_mask(params, key_),
             key_data,
             rule.init_schedule(),
+            _saved_init(rule, params),
         )
 
     def update(updates, state, params=None, **extra):
@@ -244,8 +280,10 @@ def _chain_form(rule: _MaskRule, key: Any, name: str):
             updates,
             extra,
         )
-        return _masked_updates(updates, mask, params), PruneState(
-            optax.safe_increment(state.count), mask, state.key, schedule_state
+        masked = _masked_updates(updates, mask, params)
+        masked, saved = _restore(masked, state.saved, state.mask, mask, params)
+        return masked, PruneState(
+            optax.safe_increment(state.count), mask, state.key, schedule_state, saved
         )
 
     return optax.GradientTransformationExtraArgs(init, update)
@@ -297,13 +335,15 @@ def prune(
 
 
 class SparsifyState(NamedTuple):
-    """State of the wrapper-form transforms."""
+    """State of the wrapper-form transforms (``saved`` as in
+    :class:`PruneState`)."""
 
     count: jax.Array
     mask: Mask
     key: jax.Array
     schedule_state: Any
     inner_state: Any
+    saved: Any = None
 
 
 def _reset_moments(inner, inner_state, changed: Mask, params: Params):
@@ -336,6 +376,7 @@ def _wrapper_form(inner: optax.GradientTransformation, rule: _MaskRule, key, nam
             key_data,
             rule.init_schedule(),
             inner.init(params),
+            _saved_init(rule, params),
         )
 
     def update(grads, state, params=None, **extra):
@@ -371,12 +412,15 @@ def _wrapper_form(inner: optax.GradientTransformation, rule: _MaskRule, key, nam
 
         # Ordinary steps skip the comparison and the moment reset.
         inner_state, settled = lax.cond(may_change, settle, lambda: (inner_state, mask))
-        return _masked_updates(updates, settled, params), SparsifyState(
+        masked = _masked_updates(updates, settled, params)
+        masked, saved = _restore(masked, state.saved, state.mask, mask, params)
+        return masked, SparsifyState(
             optax.safe_increment(state.count),
             mask,
             state.key,
             schedule_state,
             inner_state,
+            saved,
         )
 
     return optax.GradientTransformationExtraArgs(init, update)
@@ -514,7 +558,7 @@ def _drop_and_grow_rule(
         new = lax.cond(update_now, drop_and_grow, lambda: mask)
         return new, schedule_state, update_now
 
-    return _MaskRule(True, init_mask, lambda: (), step)
+    return _MaskRule(True, False, init_mask, lambda: (), step)
 
 
 def dynamic_sparse(

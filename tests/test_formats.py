@@ -88,13 +88,30 @@ def test_padded_delta_inserts_pads_exactly_where_gaps_exceed_the_width():
     x = np.zeros(64, np.float32)
     x[[0, 1, 2, 40]] = [1, 2, 3, 4]
     enc = F.encode(x, "padded_delta")
-    # Gaps 1, 1, 1, 38; mean 41 / 4 = 10.25, so b = 4 and gaps up to 15;
-    # the gap of 38 takes two pads (15 + 15 + 8).
+    # Distances 1, 1, 1, 38; mean 41 / 4 = 10.25, so b = 4 bits hold the
+    # distances 1 ... 16 as 0 ... 15; 38 takes two pads (16 + 16 + 6).
     assert enc.meta["width"] == 4
-    np.testing.assert_array_equal(enc.arrays["gaps"], [1, 1, 1, 15, 15, 8])
+    np.testing.assert_array_equal(enc.arrays["gaps"], [0, 0, 0, 15, 15, 5])
     np.testing.assert_array_equal(enc.arrays["values"], [1, 2, 3, 0, 0, 4])
     assert enc.bits == 6 * (32 + 4)
     np.testing.assert_array_equal(F.decode(enc), x)
+
+
+@pytest.mark.parametrize("distance", [1, 2, 3, 8])
+def test_padded_delta_uses_every_code_of_its_width(distance):
+    """Regression: codes stored the distance itself, so a distance of
+    exactly 2^b was padded: every distance 8 cost 560 bits where delta costs
+    280, and every second slot cost more than dense."""
+    n = 70 * distance
+    x = np.zeros(n, np.float32)
+    x[distance - 1 :: distance] = 1.0
+    m = n // distance
+    padded, delta = F.encode(x, "padded_delta"), F.encode(x, "delta")
+    assert padded.meta["width"] == F.lg(distance)
+    assert padded.bits == delta.bits == m * (32 + F.lg(distance))
+    assert padded.bits < n * 32 or distance == 1
+    np.testing.assert_array_equal(F.decode(padded), x)
+    assert padded.bits == F.model_bits("padded_delta", n, m, 32, **F.facts(x))
 
 
 def test_delta_width_from_the_largest_gap():
@@ -125,7 +142,7 @@ def corrupt(enc, **arrays):
         ("coo", lambda e: {"values": e.arrays["values"][:-1]}, "differ in length"),
         ("bitmap", lambda e: {"values": e.arrays["values"][:-1]}, "disagree"),
         ("delta", lambda e: {"gaps": e.arrays["gaps"] + 64}, "exceeds its width"),
-        ("padded_delta", lambda e: {"gaps": e.arrays["gaps"] * 0}, "exceeds its width"),
+        ("padded_delta", lambda e: {"gaps": e.arrays["gaps"] + 16}, "exceeds its width"),
         ("csr", lambda e: {"pointer": e.arrays["pointer"][::-1]}, "monotone"),
         ("csr", lambda e: {"indices": e.arrays["indices"] + 50}, "out of range"),
         ("csc", lambda e: {"pointer": e.arrays["pointer"][:-1]}, "pointer length"),
@@ -167,10 +184,12 @@ def cheapest_ranges(n=10**8, k=8, step=1e-4):
 def test_survey_figure_crossovers():
     grid, best = cheapest_ranges()
     bitmap = grid[[b == "bitmap" for b in best]]
-    # The model (uniformly random positions): the bitmap is cheapest from
-    # 12.51 % to 85.71 % sparsity, delta-type encodings above.
+    # The model (uniformly random positions): dense is cheapest below
+    # 12.5 % (where dense, bitmap and 1-bit padded delta all cost about 8n),
+    # the bitmap from 12.51 % to 85.71 % sparsity, delta-type encodings
+    # above.
     assert (bitmap.min(), bitmap.max()) == (0.1251, 0.8571)
-    assert set(best[: int(np.argmax(grid >= 0.1251))]) == {"dense"}
+    assert set(best[: int(np.argmax(grid >= 0.125))]) == {"dense"}
     above = {b for s, b in zip(grid, best) if s > 0.8571}
     assert above == {"delta", "padded_delta"}
 

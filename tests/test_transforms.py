@@ -457,3 +457,64 @@ def test_sparse_evolutionary_defaults_to_the_paper():
     for x, y in zip(a, b):
         jax.tree.map(np.testing.assert_array_equal, x, y)
     assert any(float(js.schedules.mask_distance(x, z)) > 0 for x, z in zip(a, c))
+
+
+@pytest.mark.parametrize("form", ["chain", "wrapper"])
+@pytest.mark.parametrize(
+    "make,restored",
+    [
+        (
+            lambda **k: schedules.iht(
+                0.5, sparse_steps=2, dense_steps=2, cycles=1, warmup=1, **k
+            ),
+            True,
+        ),
+        (
+            lambda **k: schedules.iht(
+                0.5,
+                sparse_steps=2,
+                dense_steps=2,
+                cycles=1,
+                warmup=1,
+                restore=False,
+                **k,
+            ),
+            False,
+        ),
+        (lambda **k: schedules.phases([(1, None), (2, 0.5), (2, None)], **k), False),
+        (
+            lambda **k: schedules.phases(
+                [(1, None), (2, 0.5), (2, None)], restore=True, **k
+            ),
+            True,
+        ),
+    ],
+)
+def test_dense_phase_restores_or_restarts_pruned_weights(form, make, restored):
+    """IHT (Jin et al. 2016) brings the truncated weights back with their
+    values; DSD (Han et al. 2017) restarts them from 0."""
+    w0 = jnp.array([[4.0, -1.0, 3.0, 0.5], [-2.0, 0.25, 1.5, -6.0]])
+    params = {"w": w0}
+    schedule = make()
+    if form == "chain":
+        tx = optax.chain(optax.sgd(0.0), js.prune(js.saliency.magnitude, schedule))
+    else:
+        tx = js.sparsify(optax.sgd(0.0), js.saliency.magnitude, schedule)
+    state = tx.init(params)
+    step = jax.jit(tx.update)
+    seen = []
+    for _ in range(5):
+        updates, state = step(jax.tree.map(jnp.zeros_like, params), state, params)
+        params = optax.apply_updates(params, updates)
+        seen.append(np.asarray(params["w"]))
+    small = np.abs(np.asarray(w0)) < 1.6
+    np.testing.assert_array_equal(seen[1][small], 0.0)  # sparse phase
+    np.testing.assert_array_equal(seen[1][~small], np.asarray(w0)[~small])
+    expected = np.asarray(w0) if restored else np.where(small, 0.0, w0)
+    np.testing.assert_array_equal(seen[3], expected)  # dense phase
+
+
+def test_dsd_restarts_from_zero_by_default():
+    assert not schedules.dsd(0.5, dense_steps=2, sparse_steps=2).restores
+    assert schedules.dsd(0.5, dense_steps=2, sparse_steps=2, restore=True).restores
+    assert schedules.iht(0.5, sparse_steps=2, dense_steps=2, cycles=1).restores
