@@ -37,6 +37,7 @@ from jaxsparse.distribution import topk_mask as topk_mask
 from jaxsparse.masks import apply_mask as apply_mask
 from jaxsparse.masks import check_finite as check_finite
 from jaxsparse.masks import dense_mask as dense_mask
+from jaxsparse.masks import effective_mask as effective_mask
 from jaxsparse.reports import LeafSparsity as LeafSparsity
 from jaxsparse.reports import SparsityReport as SparsityReport
 from jaxsparse.reports import sparsity as sparsity
@@ -93,6 +94,7 @@ __all__ = (
     "dense_mask",
     "distribution",
     "dynamic_sparse",
+    "effective_mask",
     "fisher",
     "formats",
     "global_mask",

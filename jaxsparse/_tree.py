@@ -43,7 +43,11 @@ def _is_array(x: Any) -> bool:
 def leaf_selector(include: LeafSelector) -> Callable[[KeyPath, Any], bool]:
     """Turns ``include`` into a predicate on ``(key_path, leaf)``."""
     if include is None:
-        return lambda path, leaf: _is_array(leaf) and leaf.ndim >= 2
+        return lambda path, leaf: (
+            _is_array(leaf)
+            and leaf.ndim >= 2
+            and jax.numpy.issubdtype(leaf.dtype, jax.numpy.inexact)
+        )
     if isinstance(include, str):
         pattern = re.compile(include)
         return lambda path, leaf: (
@@ -141,12 +145,16 @@ def check_sparsity(
         raise ValueError(f"{where} must be in [0, 1), got {value!r}")
 
 
-def need_params(params: Any, name: str) -> None:
-    """Raises ``ValueError`` when a transform that needs params gets none."""
+def need_params(params: Any, name: str, updates: Any = None) -> None:
+    """Raises ``ValueError`` when a transform that needs params gets none, or
+    updates whose tree or shapes differ from them (naming the transform and
+    the leaf, instead of JAX's raw pytree error)."""
     if params is None:
         raise ValueError(
             f"{name} needs the params: call update(updates, state, params)"
         )
+    if updates is not None:
+        check_same_tree(params, updates, name=f"{name}: updates", ref_name="params")
 
 
 def check_positive_int(value: Any, name: str) -> None:

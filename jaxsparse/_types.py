@@ -30,7 +30,7 @@ SparsityTree: TypeAlias = Any
 ``None`` per dense leaf."""
 
 LeafSelector: TypeAlias = Callable[[KeyPath, jax.Array], bool] | str | None
-"""Which leaves are pruned: ``None`` (arrays with ``ndim >= 2``), a predicate
+"""Which leaves are pruned: ``None`` (floating arrays with ``ndim >= 2``), a predicate
 on ``(key_path, leaf)``, or a regular expression searched for in the
 ``/``-joined key path (``"Dense_0/kernel"``)."""
 

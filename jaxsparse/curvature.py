@@ -114,7 +114,7 @@ def hessian_diag(
       loss_fn: ``loss_fn(params, *args) -> scalar``.
       params: the point.
       *args: the batch.
-      include: which leaves (default: ``ndim >= 2``).
+      include: which leaves (default: floating arrays with ``ndim >= 2``).
       chunk_size: basis vectors per vmapped batch.
 
     Returns:

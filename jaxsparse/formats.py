@@ -311,9 +311,7 @@ def decode(enc: Encoding) -> np.ndarray:
         gaps = a["gaps"].astype(np.int64)
         _check(gaps.size == a["values"].size, "gaps and values differ in length")
         width = enc.meta["width"]
-        _check(
-            bool(np.all((gaps >= 0) & (gaps < 2**width))), "a gap exceeds its width"
-        )
+        _check(bool(np.all((gaps >= 0) & (gaps < 2**width))), "a gap exceeds its width")
         offsets = np.cumsum(gaps + 1) - 1
         _check(offsets.size == 0 or offsets[-1] < n, "an offset is out of range")
         out[offsets] = a["values"]

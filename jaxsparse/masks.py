@@ -17,6 +17,7 @@ from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax import tree_util
 
 from jaxsparse import _tree
@@ -79,3 +80,51 @@ def check_finite(tree: Any) -> None:
                 f"{_tree.path_str(path)}: {int(bad.sum())} non-finite value(s) "
                 f"(NaN or inf), the first at index {where}"
             )
+
+
+def effective_mask(opt_state: Any) -> Mask:
+    """The mask an optimizer state enforces: every ``mask`` field in it (one
+    per jaxsparse transform in a chain), merged by logical AND.
+
+    ``optax.tree.get(state, "mask")`` finds the mask of a chain with one
+    jaxsparse transform; with several it raises, and this merges them: an
+    entry is kept only if every transform keeps it (``None`` leaves count
+    as keeping everything).
+
+    Args:
+      opt_state: an optax state (any nesting of chains, wrappers,
+        ``MultiSteps``, ``inject_hyperparams``).
+
+    Returns:
+      A mask pytree mirroring the params.
+
+    Raises:
+      ValueError: the state holds no mask, or masks of different trees.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, jaxsparse as js
+      >>> params = {"w": jnp.ones((1, 3))}
+      >>> tx = optax.chain(
+      ...     js.keep_masked({"w": jnp.array([[True, True, False]])}),
+      ...     js.keep_masked({"w": jnp.array([[False, True, True]])}),
+      ... )
+      >>> js.effective_mask(tx.init(params))["w"].tolist()
+      [[False, True, False]]
+    """
+    found = [
+        m
+        for _, m in optax.tree_utils.tree_get_all_with_path(opt_state, "mask")
+        if m is not None
+    ]
+    if not found:
+        raise ValueError("the optimizer state holds no mask (no jaxsparse transform)")
+    merged = found[0]
+    for other in found[1:]:
+        _tree.check_same_tree(merged, other, name="a mask", ref_name="first mask")
+        merged = tree_util.tree_map(
+            lambda a, b: b if a is None else (a if b is None else a & b),
+            merged,
+            other,
+            is_leaf=_tree.is_none,
+        )
+    return merged

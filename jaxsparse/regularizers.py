@@ -1,9 +1,9 @@
 """Sparsity-inducing penalties, their relaxations, and proximal steps.
 
 Penalties are pure functions of a params pytree over the leaves ``include``
-selects (default: ``ndim >= 2``, as for masks), returning a scalar to add to
-the loss. :func:`add_penalty` adds a penalty's gradient inside an optax
-chain; :func:`proximal_l1` and :func:`proximal_group_lasso` are proximal
+selects (default: floating arrays with ``ndim >= 2``, as for masks),
+returning a scalar to add to the loss. :func:`add_penalty` adds a penalty's
+gradient inside an optax chain; :func:`proximal_l1` and :func:`proximal_group_lasso` are proximal
 steps that produce exact zeros.
 
 References:
@@ -158,7 +158,8 @@ def hoyer(params: Params, *, include: LeafSelector = None) -> jax.Array:
 
     Example:
       >>> import jax.numpy as jnp
-      >>> round(float(hoyer({"w": jnp.array([[3.0, -4.0]]), "z": jnp.zeros((2, 2))})), 4)
+      >>> params = {"w": jnp.array([[3.0, -4.0]]), "z": jnp.zeros((2, 2))}
+      >>> round(float(hoyer(params)), 4)
       1.4
 
     References:
@@ -369,8 +370,9 @@ def add_penalty(
     """
     _non_negative(strength, "strength")
 
-    def update(updates, state, params=None):
-        _tree.need_params(params, "add_penalty")
+    def update(updates, state, params=None, **extra):
+        del extra
+        _tree.need_params(params, "add_penalty", updates)
         scale = _value_at(strength, state.count)
         grads = jax.grad(penalty_fn)(params)
         updates = tree_util.tree_map(
@@ -378,15 +380,16 @@ def add_penalty(
         )
         return updates, PenaltyState(optax.safe_increment(state.count))
 
-    return optax.GradientTransformation(_init_count, update)
+    return optax.GradientTransformationExtraArgs(_init_count, update)
 
 
 def _proximal(name, shrink, learning_rate, strength):
     _non_negative(strength, "strength")
     _non_negative(learning_rate, "learning_rate")
 
-    def update(updates, state, params=None):
-        _tree.need_params(params, name)
+    def update(updates, state, params=None, **extra):
+        del extra
+        _tree.need_params(params, name, updates)
         lr = _value_at(learning_rate, state.count)
         lam = _value_at(strength, state.count)
         new = shrink(optax.apply_updates(params, updates), lr * lam)
@@ -399,7 +402,7 @@ def _proximal(name, shrink, learning_rate, strength):
         )
         return updates, PenaltyState(optax.safe_increment(state.count))
 
-    return optax.GradientTransformation(_init_count, update)
+    return optax.GradientTransformationExtraArgs(_init_count, update)
 
 
 def soft_threshold(w: jax.Array, tau: jax.Array) -> jax.Array:

@@ -21,6 +21,12 @@ from jaxsparse import _tree
 from jaxsparse._types import LeafSelector, Params, Scores
 
 
+def _is_floating(leaf) -> bool:
+    """Only floating leaves are scored: integer leaves (tables, counters)
+    are never pruned and score ``None``."""
+    return jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)
+
+
 def _floating(params: Params, name: str) -> None:
     for path, leaf in _tree.leaves_with_path(params):
         if leaf is not None and not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
@@ -41,8 +47,9 @@ def magnitude(params: Params) -> Scores:
     References:
       Hoefler et al. 2021, §3.2; Han et al. 2015.
     """
-    _floating(params, "magnitude")
-    return tree_util.tree_map(jnp.abs, params)
+    return tree_util.tree_map(
+        lambda w: jnp.abs(w) if _is_floating(w) else None, params
+    )
 
 
 def random(params: Params, key: jax.Array) -> Scores:
@@ -82,8 +89,9 @@ def taylor(params: Params, grads: Params) -> Scores:
       Hoefler et al. 2021, §3.4; Molchanov et al. 2019.
     """
     _tree.check_same_tree(params, grads, name="grads", ref_name="params")
-    _floating(params, "taylor")
-    return tree_util.tree_map(lambda w, g: jnp.abs(g * w), params, grads)
+    return tree_util.tree_map(
+        lambda w, g: jnp.abs(g * w) if _is_floating(w) else None, params, grads
+    )
 
 
 def snip(
@@ -119,5 +127,6 @@ def snip(
         jnp.sum(x, dtype=jnp.float32) for _, x in _tree.selected(scores, include)
     )
     return tree_util.tree_map(
-        lambda s: (s.astype(jnp.float32) / total).astype(s.dtype), scores
+        lambda s: (s.astype(jnp.float32) / total).astype(s.dtype),
+        scores,
     )

@@ -111,9 +111,7 @@ def _restore(updates, saved, old: Mask, new: Mask, params: Params):
         leaf, updates, saved, old, new, params, is_leaf=_tree.is_none
     )
     outer = tree_util.tree_structure(updates)
-    return tree_util.tree_transpose(
-        outer, tree_util.tree_structure((0, 0)), pairs
-    )
+    return tree_util.tree_transpose(outer, tree_util.tree_structure((0, 0)), pairs)
 
 
 def _fill_like(mask: Mask, template: Mask) -> Mask:
@@ -166,11 +164,12 @@ def keep_masked(mask: Mask) -> optax.GradientTransformation:
         _tree.check_same_tree(params, mask, name="mask", ref_name="params")
         return KeepMaskedState(mask)
 
-    def update(updates, state, params=None):
-        _tree.need_params(params, "keep_masked")
+    def update(updates, state, params=None, **extra):
+        del extra
+        _tree.need_params(params, "keep_masked", updates)
         return _masked_updates(updates, state.mask, params), state
 
-    return optax.GradientTransformation(init, update)
+    return optax.GradientTransformationExtraArgs(init, update)
 
 
 class _MaskRule(NamedTuple):
@@ -270,7 +269,7 @@ def _chain_form(rule: _MaskRule, key: Any, name: str):
         )
 
     def update(updates, state, params=None, **extra):
-        _tree.need_params(params, name)
+        _tree.need_params(params, name, updates)
         mask, schedule_state, _ = rule.step(
             state.count,
             state.mask,
@@ -380,7 +379,7 @@ def _wrapper_form(inner: optax.GradientTransformation, rule: _MaskRule, key, nam
         )
 
     def update(grads, state, params=None, **extra):
-        _tree.need_params(params, name)
+        _tree.need_params(params, name, grads)
         mask, schedule_state, may_change = rule.step(
             state.count,
             state.mask,
@@ -531,9 +530,7 @@ def _drop_and_grow_rule(
                     [[a] for a in negative],
                 )
                 dropped = [[lo[0] | hi[0]] for lo, hi in zip(low, high)]
-                counts = [
-                    share(p) + share(n) for p, n in zip(positive, negative)
-                ]
+                counts = [share(p) + share(n) for p, n in zip(positive, negative)]
             else:
                 counts = [share(masks[i]) for i in idx]
                 dropped = prune_lowest(

@@ -14,7 +14,11 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax import tree_util
 from jax.scipy.special import ndtr, ndtri
+
+from jaxsparse import _tree
+from jaxsparse._types import Params
 
 K1, K2, K3 = 0.63576, 1.87320, 1.48695
 """Constants of Molchanov et al.'s approximation of the KL divergence."""
@@ -43,6 +47,75 @@ def svd_mask(
 ) -> jax.Array:
     """Keep where ``log alpha <= threshold`` (3 in the paper)."""
     return log_alpha(theta, log_sigma2) <= threshold
+
+
+def svd_pruned(
+    params: Params,
+    threshold: float = 3.0,
+    *,
+    theta: str = "theta",
+    log_sigma2: str = "log_sigma2",
+) -> Params:
+    """The deterministic pruned network of Sparse VD params.
+
+    Every leaf whose last key is ``theta`` becomes ``where(log alpha <=
+    threshold, theta, 0)`` with its sibling ``log_sigma2``, and that sibling
+    becomes ``None``; other leaves pass. The result is what test time uses,
+    and what :func:`jaxsparse.sparsity` and
+    :func:`jaxsparse.sparsity_report` should count (on the raw params they
+    also count ``log_sigma2`` as a weight).
+
+    Args:
+      params: a pytree holding ``theta`` / ``log_sigma2`` pairs (dicts, nnx
+        State, ...).
+      threshold: ``log alpha`` above which a weight is pruned (3 in the paper).
+      theta, log_sigma2: the key names of the two leaves.
+
+    Returns:
+      The params with pruned kernels in place of ``theta`` and ``None`` in
+      place of ``log_sigma2``.
+
+    Raises:
+      ValueError: a ``theta`` leaf without a ``log_sigma2`` sibling of its
+        shape.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> p = {"fc": {"theta": jnp.array([[1.0, 0.1]]),
+      ...             "log_sigma2": jnp.array([[-8.0, 0.0]]), "bias": jnp.zeros(2)}}
+      >>> pruned = svd_pruned(p)
+      >>> pruned["fc"]["theta"].tolist(), pruned["fc"]["log_sigma2"]
+      ([[1.0, 0.0]], None)
+
+    References:
+      Molchanov et al. 2017, §4.3 (log alpha > 3); Hoefler et al. 2021, §3.7.
+    """
+    leaves = dict(_tree.leaves_with_path(params))
+
+    def last(path):
+        key = path[-1] if path else None
+        return _tree.path_str((key,)) if key is not None else ""
+
+    def sibling(path):
+        found = [p for p in leaves if p[:-1] == path[:-1] and last(p) == log_sigma2]
+        return found[0] if found else None
+
+    def leaf(path, x):
+        name = last(path)
+        if name == log_sigma2:
+            return None
+        if name != theta:
+            return x
+        other = sibling(path)
+        if other is None or jnp.shape(leaves[other]) != jnp.shape(x):
+            raise ValueError(
+                f"{_tree.path_str(path)}: no {log_sigma2!r} sibling of shape "
+                f"{jnp.shape(x)}"
+            )
+        keep = svd_mask(x, leaves[other], threshold)
+        return jnp.where(keep, x, jnp.zeros((), x.dtype))
+
+    return tree_util.tree_map_with_path(leaf, params)
 
 
 def svd_dense(
@@ -127,6 +200,10 @@ class SVDLinear(nnx.Module):
     def mask(self, threshold: float = 3.0) -> jax.Array:
         return svd_mask(self.theta[...], self.log_sigma2[...], threshold)
 
+    def pruned_kernel(self, threshold: float = 3.0) -> jax.Array:
+        """``theta`` with the weights of ``log alpha > threshold`` at 0."""
+        return jnp.where(self.mask(threshold), self.theta[...], 0.0)
+
 
 class SVDConv(nnx.Module):
     """2-D convolution (NHWC, HWIO) with sparse variational dropout."""
@@ -139,6 +216,7 @@ class SVDConv(nnx.Module):
         *,
         rngs: nnx.Rngs,
         log_sigma2: float = -10.0,
+        use_bias: bool = True,
     ):
         fan_in = in_features * kernel_size[0] * kernel_size[1]
         shape = (*kernel_size, in_features, out_features)
@@ -146,12 +224,23 @@ class SVDConv(nnx.Module):
             jax.random.normal(rngs.params(), shape) / math.sqrt(fan_in)
         )
         self.log_sigma2 = nnx.Param(jnp.full(shape, log_sigma2))
+        self.bias = nnx.Param(jnp.zeros((out_features,))) if use_bias else None
 
     def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
-        return svd_conv(x, self.theta[...], self.log_sigma2[...], key)
+        out = svd_conv(x, self.theta[...], self.log_sigma2[...], key)
+        if self.bias is not None:
+            out = out + self.bias[...].reshape((1,) * (out.ndim - 1) + (-1,))
+        return out
 
     def kl(self) -> jax.Array:
         return svd_kl(self.theta[...], self.log_sigma2[...])
+
+    def mask(self, threshold: float = 3.0) -> jax.Array:
+        return svd_mask(self.theta[...], self.log_sigma2[...], threshold)
+
+    def pruned_kernel(self, threshold: float = 3.0) -> jax.Array:
+        """``theta`` with the weights of ``log alpha > threshold`` at 0."""
+        return jnp.where(self.mask(threshold), self.theta[...], 0.0)
 
 
 def _truncation(mu, log_sigma, a, b):

@@ -1,4 +1,4 @@
-"""Run in a subprocess with 8 virtual CPU devices (see test_sharding.py):
+"""Run in a subprocess with 8 virtual CPU devices (see test_masks_sharded.py):
 selection over sharded params must equal the unsharded selection exactly,
 and masks must keep the params' sharding. Exits non-zero on a mismatch."""
 

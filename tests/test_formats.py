@@ -142,7 +142,11 @@ def corrupt(enc, **arrays):
         ("coo", lambda e: {"values": e.arrays["values"][:-1]}, "differ in length"),
         ("bitmap", lambda e: {"values": e.arrays["values"][:-1]}, "disagree"),
         ("delta", lambda e: {"gaps": e.arrays["gaps"] + 64}, "exceeds its width"),
-        ("padded_delta", lambda e: {"gaps": e.arrays["gaps"] + 16}, "exceeds its width"),
+        (
+            "padded_delta",
+            lambda e: {"gaps": e.arrays["gaps"] + 16},
+            "exceeds its width",
+        ),
         ("csr", lambda e: {"pointer": e.arrays["pointer"][::-1]}, "monotone"),
         ("csr", lambda e: {"indices": e.arrays["indices"] + 50}, "out of range"),
         ("csc", lambda e: {"pointer": e.arrays["pointer"][:-1]}, "pointer length"),

@@ -7,6 +7,7 @@ import hypothesis.extra.numpy as hnp
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -199,8 +200,11 @@ def test_bad_sparsity_raises(bad):
 
 
 def test_non_float_scores_raise_with_path():
+    scores = {"layer": {"w": jnp.ones((2, 2), jnp.int32)}}
+    # Integer leaves are not selected by default; chosen explicitly they raise.
+    assert js.layerwise_mask(scores, 0.5)["layer"]["w"] is None
     with pytest.raises(TypeError, match="layer/w: scores must be floating"):
-        js.layerwise_mask({"layer": {"w": jnp.ones((2, 2), jnp.int32)}}, 0.5)
+        js.layerwise_mask(scores, 0.5, include=lambda p, x: True)
 
 
 def test_global_min_density_guards_layers():
@@ -313,3 +317,34 @@ def test_topk_mask_nm_and_custom():
     assert float(js.sparsity(custom)) == round(0.25 * 72) / 72
     with pytest.raises(TypeError, match="distribution must be"):
         js.topk_mask(scores, 0.5, distribution="erk")
+
+
+def test_default_selection_takes_floating_arrays_only():
+    """Regression: magnitude on a tree holding an int32 (3, 3) array raised."""
+    params = {"w": jnp.ones((3, 3)), "table": jnp.ones((3, 3), jnp.int32)}
+    scores = js.saliency.magnitude(params)
+    assert scores["table"] is None
+    mask = js.layerwise_mask(scores, 0.5)
+    assert mask["table"] is None and mask["w"].shape == (3, 3)
+    bf16 = js.dense_mask({"w": jnp.ones((2, 2), jnp.bfloat16)})
+    assert bf16["w"] is not None
+
+
+def test_effective_mask_merges_every_mask_of_a_chain():
+    """Regression: with two prune transforms optax.tree.get(state, "mask")
+    raised a KeyError followed by the whole state."""
+    params = {"a": jnp.arange(1.0, 9.0).reshape(2, 4), "b": jnp.ones(3)}
+    tx = optax.chain(
+        optax.sgd(0.1),
+        js.prune(js.saliency.magnitude, js.schedules.constant(0.5)),
+        js.keep_masked({"a": jnp.array([[True] * 4, [False] * 4]), "b": None}),
+    )
+    state = tx.init(params)
+    _, state = tx.update(jax.tree.map(jnp.zeros_like, params), state, params)
+    merged = js.effective_mask(state)
+    np.testing.assert_array_equal(
+        merged["a"], [[False, False, False, False], [False, False, False, False]]
+    )
+    assert merged["b"] is None
+    with pytest.raises(ValueError, match="holds no mask"):
+        js.effective_mask(optax.sgd(0.1).init(params))

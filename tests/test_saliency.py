@@ -62,6 +62,10 @@ def test_snip_linear_regression_closed_form():
     assert abs(float(jnp.sum(scores["w"])) - 1.0) < 1e-5
 
 
-def test_non_float_params_raise():
-    with pytest.raises(TypeError, match="layer/w: magnitude needs floating point"):
-        js.saliency.magnitude({"layer": {"w": jnp.ones((2, 2), jnp.int32)}})
+def test_non_float_params_are_not_scored():
+    params = {"layer": {"w": jnp.ones((2, 2), jnp.int32), "v": jnp.ones((2, 2))}}
+    assert js.saliency.magnitude(params)["layer"]["w"] is None
+    taylor = js.saliency.taylor(params, params)
+    assert taylor["layer"]["w"] is None and taylor["layer"]["v"].shape == (2, 2)
+    with pytest.raises(TypeError, match="layer/w: snip needs floating point"):
+        js.saliency.snip(lambda p: jnp.sum(p["layer"]["v"]), params)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import jaxsparse as js
 from jaxsparse import variational as vr
 
 
@@ -138,3 +139,42 @@ def test_nnx_modules():
     )
     assert gate(jnp.ones((2, 3)), jax.random.key(2)).shape == (2, 3)
     assert float(gate.kl()) > 0
+
+
+def test_svd_pruned_gives_the_deterministic_network_and_counts_right():
+    """Regression: js.sparsity counted log_sigma2 as a weight leaf (0.05 %),
+    and nothing turned (theta, log sigma^2) into pruned kernels."""
+    theta = jnp.array([[1.0, 0.1, -2.0], [0.5, -0.01, 3.0]])
+    log_sigma2 = jnp.array([[-8.0, 0.0, -8.0], [-8.0, -3.0, 10.0]])
+    params = {"fc": {"theta": theta, "log_sigma2": log_sigma2, "bias": jnp.ones(3)}}
+    pruned = vr.svd_pruned(params)
+    keep = np.asarray(vr.svd_mask(theta, log_sigma2))
+    np.testing.assert_array_equal(
+        pruned["fc"]["theta"], np.where(keep, np.asarray(theta), 0.0)
+    )
+    assert pruned["fc"]["log_sigma2"] is None
+    assert float(js.sparsity(pruned)) == pytest.approx((~keep).mean())
+    with pytest.raises(ValueError, match="no 'log_sigma2' sibling"):
+        vr.svd_pruned({"fc": {"theta": theta}})
+
+
+def test_svd_modules_mask_and_prune_alike():
+    rngs = nnx.Rngs(0)
+    conv = vr.SVDConv(2, 3, (3, 3), rngs=rngs)
+    conv.log_sigma2[...] = conv.log_sigma2[...].at[0, 0].set(20.0)
+    assert conv.mask().shape == conv.theta[...].shape
+    assert not np.asarray(conv.mask()[0, 0]).any()
+    np.testing.assert_array_equal(
+        conv.pruned_kernel(), np.where(conv.mask(), conv.theta[...], 0.0)
+    )
+    conv.bias[...] = jnp.arange(3.0)
+    x = jnp.ones((1, 4, 4, 2))
+    no_bias = vr.SVDConv(2, 3, (3, 3), rngs=nnx.Rngs(0), use_bias=False)
+    no_bias.log_sigma2[...] = conv.log_sigma2[...]
+    np.testing.assert_allclose(
+        conv(x) - no_bias(x), jnp.broadcast_to(jnp.arange(3.0), (1, 4, 4, 3))
+    )
+    linear = vr.SVDLinear(4, 2, rngs=rngs)
+    np.testing.assert_array_equal(
+        linear.pruned_kernel(), np.where(linear.mask(), linear.theta[...], 0.0)
+    )
