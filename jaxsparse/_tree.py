@@ -43,10 +43,15 @@ def _is_array(x: Any) -> bool:
 def leaf_selector(include: LeafSelector) -> Callable[[KeyPath, Any], bool]:
     """Turns ``include`` into a predicate on ``(key_path, leaf)``."""
     if include is None:
+        # Floating leaves are the prunable ones; bool leaves are masks, which
+        # the same selection must find (reports count masks too).
         return lambda path, leaf: (
             _is_array(leaf)
             and leaf.ndim >= 2
-            and jax.numpy.issubdtype(leaf.dtype, jax.numpy.inexact)
+            and (
+                jax.numpy.issubdtype(leaf.dtype, jax.numpy.inexact)
+                or leaf.dtype == np.bool_
+            )
         )
     if isinstance(include, str):
         pattern = re.compile(include)
