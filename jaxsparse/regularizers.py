@@ -35,9 +35,12 @@ def _positive(value: Any, name: str) -> None:
 
 
 def _non_negative(value: Any, name: str) -> None:
+    """A concrete number must be >= 0; a schedule or a traced value (from
+    ``optax.inject_hyperparams``) passes."""
     if callable(value):
         return
-    if not float(value) >= 0.0:
+    number = _tree.concrete_float(value)
+    if number is not None and not number >= 0.0:
         raise ValueError(f"{name} must be >= 0, got {value!r}")
 
 

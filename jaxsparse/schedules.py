@@ -278,13 +278,15 @@ def cosine_drop_fraction(initial: float = 0.3, *, end: int) -> Callable:
     References:
       Evci et al. 2020, "Rigging the Lottery", eq. 1; Hoefler et al. 2021, §4.
     """
-    if not 0.0 <= float(initial) <= 1.0:
+    value = _tree.concrete_float(initial)
+    if value is not None and not 0.0 <= value <= 1.0:
         raise ValueError(f"initial drop fraction must be in [0, 1], got {initial!r}")
     _tree.check_positive_int(end, "end")
 
     def fraction(count):
         t = jnp.minimum(jnp.asarray(count, jnp.float32), float(end))
-        return jnp.asarray(initial / 2 * (1 + jnp.cos(math.pi * t / end)), jnp.float32)
+        start = jnp.asarray(initial, jnp.float32)
+        return start / 2 * (1 + jnp.cos(math.pi * t / end))
 
     return fraction
 

@@ -478,13 +478,20 @@ def _drop_and_grow_rule(
         _tree.check_positive_int(value, label)
     if drop not in ("magnitude", "signed"):
         raise ValueError(f"drop must be 'magnitude' or 'signed', got {drop!r}")
-    if decay == "cosine":
-        fraction = cosine_drop_fraction(drop_fraction, end=end)
-    elif decay == "constant":
-        _tree.check_sparsity(drop_fraction, where="drop_fraction")
-        fraction = lambda count: jnp.asarray(drop_fraction, jnp.float32)  # noqa: E731
-    else:
+    if decay not in ("cosine", "constant"):
         raise ValueError(f"drop_decay must be 'cosine' or 'constant', got {decay!r}")
+    if callable(drop_fraction):
+        # A schedule of the step count, as optax's hyperparameters take.
+        def fraction(count):
+            return jnp.asarray(drop_fraction(count), jnp.float32)
+    elif decay == "cosine":
+        fraction = cosine_drop_fraction(drop_fraction, end=end)
+    else:
+        _tree.check_sparsity(drop_fraction, where="drop_fraction")
+
+        def fraction(count):
+            del count
+            return jnp.asarray(drop_fraction, jnp.float32)
     call_grow, _ = _criterion_caller(grow, "grow")
     call_init, _ = _criterion_caller(init_criterion, "init_criterion")
 
@@ -566,7 +573,7 @@ def dynamic_sparse(
     every: int,
     end: int,
     key: jax.Array | int,
-    drop_fraction: float = 0.3,
+    drop_fraction: optax.ScalarOrSchedule = 0.3,
     distribution: Distribution = Uniform(),
     include: LeafSelector = None,
     init_criterion: Criterion = random_scores,
@@ -596,7 +603,9 @@ def dynamic_sparse(
       every: steps between mask updates (``Delta T``).
       end: no updates from this step on (``T_end``).
       key: PRNG key (or int seed) for the initial mask and random growth.
-      drop_fraction: the (initial) drop fraction (0.3 in RigL and SET).
+      drop_fraction: the (initial) drop fraction (0.3 in RigL and SET), or a
+        schedule of the step count giving the fraction itself (then
+        ``drop_decay`` does not apply).
       distribution: how ``sparsity`` is spread over leaves (RigL uses ERK).
       include: which leaves are sparse.
       init_criterion: scores for the initial mask.
@@ -636,7 +645,7 @@ def rigl(
     every: int,
     end: int,
     key: jax.Array | int,
-    drop_fraction: float = 0.3,
+    drop_fraction: optax.ScalarOrSchedule = 0.3,
     distribution: Distribution = Uniform(),
     include: LeafSelector = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -666,7 +675,7 @@ def sparse_evolutionary(
     every: int,
     end: int,
     key: jax.Array | int,
-    drop_fraction: float = 0.3,
+    drop_fraction: optax.ScalarOrSchedule = 0.3,
     distribution: Distribution = Uniform(),
     include: LeafSelector = None,
     drop: Literal["magnitude", "signed"] = "signed",
