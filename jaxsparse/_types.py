@@ -41,3 +41,8 @@ Criterion: TypeAlias = Callable[..., Scores]
 """``criterion(params=..., grads=..., key=..., **extra) -> scores``: called
 by keyword, taking only the arguments it names (``js.saliency.magnitude``
 takes ``params``; ``taylor`` takes ``params`` and ``grads``)."""
+
+Schedule: TypeAlias = Callable[[ArrayLike], Any]
+"""``schedule(count) -> Target``: a function of the step count returning a
+:class:`jaxsparse.schedules.Target` (the sparsity, whether to recompute the
+mask, whether the phase is dense); jittable."""

@@ -3,8 +3,8 @@
 Penalties are pure functions of a params pytree over the leaves ``include``
 selects (default: floating arrays with ``ndim >= 2``, as for masks),
 returning a scalar to add to the loss. :func:`add_penalty` adds a penalty's
-gradient inside an optax chain; :func:`proximal_l1` and :func:`proximal_group_lasso` are proximal
-steps that produce exact zeros.
+gradient inside an optax chain; :func:`proximal_l1` and
+:func:`proximal_group_lasso` are proximal steps that produce exact zeros.
 
 References:
   Hoefler et al. 2021, §3.6; Louizos et al. 2018 (L0, hard concrete);

@@ -47,9 +47,7 @@ def magnitude(params: Params) -> Scores:
     References:
       Hoefler et al. 2021, §3.2; Han et al. 2015.
     """
-    return tree_util.tree_map(
-        lambda w: jnp.abs(w) if _is_floating(w) else None, params
-    )
+    return tree_util.tree_map(lambda w: jnp.abs(w) if _is_floating(w) else None, params)
 
 
 def random(params: Params, key: jax.Array) -> Scores:

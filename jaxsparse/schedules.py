@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from jaxsparse import _tree
-from jaxsparse._types import Mask
+from jaxsparse._types import Mask, Schedule
 
 
 class Target(NamedTuple):
@@ -46,10 +46,6 @@ class Target(NamedTuple):
     sparsity: jax.Array
     update: jax.Array
     dense: jax.Array
-
-
-Schedule = Callable[[ArrayLike], Target]
-"""``schedule(count) -> Target``."""
 
 
 def _target(sparsity, update, dense=False) -> Target:

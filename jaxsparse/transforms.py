@@ -41,16 +41,12 @@ from jax import lax, tree_util
 
 from jaxsparse import _tree
 from jaxsparse._select import prune_lowest
-from jaxsparse._types import LeafSelector, Mask, Params, Scores
+from jaxsparse._types import Criterion, LeafSelector, Mask, Params, Schedule, Scores
 from jaxsparse.distribution import Distribution, Uniform, topk_mask
 from jaxsparse.masks import apply_mask, dense_mask
 from jaxsparse.saliency import random as random_scores
-from jaxsparse.schedules import AdaptiveSchedule, Schedule, cosine_drop_fraction
+from jaxsparse.schedules import AdaptiveSchedule, cosine_drop_fraction
 from jaxsparse.structure import Element, Granularity, Reduce
-
-Criterion = Callable[..., Scores]
-"""``criterion(params=..., grads=..., key=..., **extra) -> scores``, taking
-only the arguments it names."""
 
 _CRITERION_ARGS = ("params", "grads", "key")
 
@@ -193,9 +189,13 @@ def _schedule_rule(
     reduce: Reduce,
 ) -> _MaskRule:
     call, needs_key = _criterion_caller(criterion, "criterion")
-    if not callable(schedule) and not isinstance(schedule, AdaptiveSchedule):
+    # A stateful schedule answers init() and update(); a plain one is a
+    # function of the step count.
+    adaptive = callable(getattr(schedule, "init", None)) and callable(
+        getattr(schedule, "update", None)
+    )
+    if not callable(schedule) and not adaptive:
         raise TypeError(f"schedule must be a schedule function, got {schedule!r}")
-    adaptive = isinstance(schedule, AdaptiveSchedule)
 
     def init_mask(params, key):
         del key
@@ -492,6 +492,7 @@ def _drop_and_grow_rule(
         def fraction(count):
             del count
             return jnp.asarray(drop_fraction, jnp.float32)
+
     call_grow, _ = _criterion_caller(grow, "grow")
     call_init, _ = _criterion_caller(init_criterion, "init_criterion")
 

@@ -518,3 +518,42 @@ def test_dsd_restarts_from_zero_by_default():
     assert not schedules.dsd(0.5, dense_steps=2, sparse_steps=2).restores
     assert schedules.dsd(0.5, dense_steps=2, sparse_steps=2, restore=True).restores
     assert schedules.iht(0.5, sparse_steps=2, dense_steps=2, cycles=1).restores
+
+
+def test_custom_per_layer_targets_follow_a_schedule():
+    """Regression: Custom with a schedule raised at the first update (prune,
+    sparsify) or at init (rigl). Han et al.'s per-layer ratios reached by an
+    iterative schedule: each leaf ends at its own target."""
+    params = {
+        "fc1": jax.random.normal(jax.random.key(0), (20, 30)),
+        "fc2": jax.random.normal(jax.random.key(1), (30, 10)),
+        "fc3": jax.random.normal(jax.random.key(2), (10, 4)),
+    }
+    custom = js.Custom({"fc1": 0.92, "fc2": 0.9, "fc3": 0.75})
+    final = custom.overall(params)
+    schedule = schedules.iterative([(2, final / 3), (4, 2 * final / 3), (6, final)])
+    want = {"fc1": 0.92, "fc2": 0.9, "fc3": 0.75}
+    for tx in (
+        optax.chain(
+            optax.sgd(0.0),
+            js.prune(js.saliency.magnitude, schedule, distribution=custom),
+        ),
+        js.sparsify(
+            optax.sgd(0.0), js.saliency.magnitude, schedule, distribution=custom
+        ),
+    ):
+        state = tx.init(params)
+        step = jax.jit(tx.update)
+        for t in range(8):
+            _, state = step(jax.tree.map(jnp.zeros_like, params), state, params)
+            mask = optax.tree.get(state, "mask")
+            if t == 3:  # a third of the way
+                for k, s in want.items():
+                    pruned = int((~np.asarray(mask[k])).sum())
+                    assert pruned == round(s / 3 * mask[k].size), (k, t)
+        for k, s in want.items():
+            assert int((~np.asarray(mask[k])).sum()) == round(s * mask[k].size), k
+    rigl = js.rigl(optax.sgd(0.1), final, every=2, end=10, key=0, distribution=custom)
+    mask = rigl.init(params).mask
+    for k, s in want.items():
+        assert int((~np.asarray(mask[k])).sum()) == round(s * mask[k].size), k
