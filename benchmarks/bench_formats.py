@@ -21,6 +21,7 @@ import scipy.sparse
 from bench_masks import interleaved
 
 from jaxsparse import formats as F
+from jaxsparse import sparse_export as X
 
 
 def host_median(fn, repeats=7):
@@ -80,7 +81,7 @@ def products():
         a = rng.normal(size=(n, n)).astype(np.float32)
         a[rng.random(a.shape) < s] = 0
         dense = jnp.asarray(a)
-        bcoo, bcsr = F.to_bcoo(dense), F.to_bcsr(dense)
+        bcoo, bcsr = X.to_bcoo(dense), X.to_bcsr(dense)
         for op, rhs in (("matvec", v), ("matmul", b)):
             med = _time_products(dense, bcoo, bcsr, rhs)
             print(

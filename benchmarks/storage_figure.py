@@ -13,14 +13,14 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxsparse import formats as F
+from jaxsparse import storage as S
 
 N, K = 10**8, 8
 SHOWN = ("dense", "bitmap", "coo", "delta", "padded_delta", "csr")
 
 
 def cheapest(grid):
-    return [F.best_format(N, N - round(s * N), K)[0] for s in grid]
+    return [S.best_format(N, N - round(s * N), K)[0] for s in grid]
 
 
 def main(out: Path = Path(__file__).with_name("storage_formats.png")) -> None:
@@ -39,7 +39,7 @@ def main(out: Path = Path(__file__).with_name("storage_formats.png")) -> None:
     sparsity = 1 - np.logspace(0, -4, 400)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name in SHOWN:
-        mb = [F.model_bits(name, N, N - round(s * N), K) / 8e6 for s in sparsity]
+        mb = [S.model_bits(name, N, N - round(s * N), K) / 8e6 for s in sparsity]
         ax.plot(sparsity * 100, mb, label=name)
     ax.set_xscale(
         "function",

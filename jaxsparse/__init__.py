@@ -18,6 +18,8 @@ from jaxsparse import reports as reports
 from jaxsparse import saliency as saliency
 from jaxsparse import schedules as schedules
 from jaxsparse import selection as selection
+from jaxsparse import sparse_export as sparse_export
+from jaxsparse import storage as storage
 from jaxsparse import structure as structure
 from jaxsparse import transforms as transforms
 from jaxsparse import variational as variational
@@ -110,9 +112,11 @@ __all__ = (
     "schedules",
     "selection",
     "sparse_evolutionary",
+    "sparse_export",
     "sparsify",
     "sparsity",
     "sparsity_report",
+    "storage",
     "structure",
     "topk_mask",
     "transforms",

@@ -10,6 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jaxsparse import formats as F
+from jaxsparse import sparse_export as X
+from jaxsparse import storage as S
 
 ALL = (*F.FORMATS, "bcsr", "nm")
 
@@ -23,7 +25,7 @@ def options(fmt, x):
 
 
 def model_kwargs(fmt, x, enc):
-    info = F.facts(x)
+    info = S.facts(x)
     if fmt == "bcsr":
         info["block"] = enc.meta["block_rows"], enc.meta["block_cols"]
         info["blocks"] = enc.arrays["indices"].size
@@ -56,7 +58,7 @@ def test_every_format_round_trips_and_reports_model_bits(x):
         np.testing.assert_array_equal(out, x, err_msg=fmt)
         m = int(np.count_nonzero(x))
         k = x.dtype.itemsize * 8
-        assert enc.bits == F.model_bits(
+        assert enc.bits == S.model_bits(
             fmt, x.size, m, k, **model_kwargs(fmt, x, enc)
         ), fmt
         assert enc.total_bits > enc.bits
@@ -111,7 +113,7 @@ def test_padded_delta_uses_every_code_of_its_width(distance):
     assert padded.bits == delta.bits == m * (32 + F.lg(distance))
     assert padded.bits < n * 32 or distance == 1
     np.testing.assert_array_equal(F.decode(padded), x)
-    assert padded.bits == F.model_bits("padded_delta", n, m, 32, **F.facts(x))
+    assert padded.bits == S.model_bits("padded_delta", n, m, 32, **S.facts(x))
 
 
 def test_delta_width_from_the_largest_gap():
@@ -167,9 +169,9 @@ def test_index_width_and_model_at_two_to_the_31():
     assert F.index_dtype(2**31) == np.int64
     n = 2**31 + 5
     assert F.lg(n) == 32 and F.lg(2**31) == 31 and F.lg(1) == 0 and F.lg(2) == 1
-    assert F.model_bits("coo", n, 1000, 8) == 1000 * (8 + 32)
-    assert F.model_bits("bitmap", n, 1000, 8) == n + 8000
-    assert F.model_bits("csr", 2**40, 10**6, 8, rows=2**20) == (
+    assert S.model_bits("coo", n, 1000, 8) == 1000 * (8 + 32)
+    assert S.model_bits("bitmap", n, 1000, 8) == n + 8000
+    assert S.model_bits("csr", 2**40, 10**6, 8, rows=2**20) == (
         10**6 * 20 + (2**20 + 1) * F.lg(10**6 + 1) + 8 * 10**6
     )
 
@@ -181,7 +183,7 @@ def test_survey_csr_count_side_by_side():
 
 def cheapest_ranges(n=10**8, k=8, step=1e-4):
     grid = np.round(np.arange(0, 1, step), 4)
-    best = [F.best_format(n, n - round(s * n), k)[0] for s in grid]
+    best = [S.best_format(n, n - round(s * n), k)[0] for s in grid]
     return grid, best
 
 
@@ -201,7 +203,7 @@ def test_survey_figure_crossovers():
 def test_storage_report():
     params = {"w": np.zeros((100, 100), np.float32), "b": np.ones(10, np.float32)}
     params["w"][::10, ::10] = 1.0
-    report = F.storage_report(params)
+    report = S.storage_report(params)
     by_path = {leaf.path: leaf for leaf in report.leaves}
     assert by_path["b"].format == "dense" and by_path["b"].bits == 320
     assert by_path["w"].nonzeros == 100 and by_path["w"].format in (
@@ -221,17 +223,17 @@ def test_bcoo_bcsr_export_and_sparse_dense_layer():
     x = jnp.asarray(rng.normal(size=(3, 12)), jnp.float32)
     bias = jnp.arange(5.0)
     for fmt in ("bcoo", "bcsr"):
-        kernel_t = F.sparse_kernel(jnp.asarray(kernel), format=fmt)
+        kernel_t = X.sparse_kernel(jnp.asarray(kernel), format=fmt)
         np.testing.assert_allclose(kernel_t.todense(), kernel.T)
-        out = jax.jit(F.sparse_dense_layer)(x, kernel_t, bias)
+        out = jax.jit(X.sparse_dense_layer)(x, kernel_t, bias)
         np.testing.assert_allclose(
             out, x @ kernel + bias[None, :], rtol=1e-5, atol=1e-6
         )
-    np.testing.assert_allclose(F.to_bcoo(jnp.asarray(kernel)).todense(), kernel)
+    np.testing.assert_allclose(X.to_bcoo(jnp.asarray(kernel)).todense(), kernel)
     with pytest.raises(ValueError, match="BCSR needs a 2-D array"):
-        F.to_bcsr(jnp.ones((2, 2, 2)))
+        X.to_bcsr(jnp.ones((2, 2, 2)))
     with pytest.raises(ValueError, match="format must be"):
-        F.sparse_kernel(jnp.ones((2, 2)), format="csr")
+        X.sparse_kernel(jnp.ones((2, 2)), format="csr")
 
 
 def test_bad_format_and_patterns():
