@@ -77,3 +77,71 @@ def test_ruff_clean():
         text=True,
     )
     assert result.returncode == 0, result.stdout
+
+
+def _imports(path: Path):
+    """``(module, name)`` for every ``from module import name`` and
+    ``module.attribute`` use of an imported jaxsparse module in ``path``."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    aliases = {}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
+            "jaxsparse"
+        ):
+            for alias in node.names:
+                found.append((node.module, alias.name))
+                aliases[alias.asname or alias.name] = f"{node.module}.{alias.name}"
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("jaxsparse"):
+                    aliases[alias.asname or alias.name] = alias.name
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id in aliases
+        ):
+            found.append((aliases[node.value.id], node.attr))
+    return found
+
+
+def test_no_module_reaches_for_a_private_name_of_another():
+    """Private helpers live in private modules (``_tree``, ``_select``,
+    ``_types``) under public names; no module imports ``_name`` from another."""
+    private_modules = {p.stem for p in (ROOT / "jaxsparse").glob("_*.py")}
+    for path in [*(ROOT / "jaxsparse").rglob("*.py"), *(ROOT / "tests").glob("*.py")]:
+        for module, name in _imports(path):
+            dunder = name.startswith("__") and name.endswith("__")
+            assert not name.startswith("_") or name in private_modules or dunder, (
+                f"{path.relative_to(ROOT)} uses {module}.{name}"
+            )
+
+
+def test_experiments_have_no_import_cycle():
+    package = ROOT / "jaxsparse" / "experiments"
+    graph = {}
+    for path in package.glob("*.py"):
+        name = f"jaxsparse.experiments.{path.stem}"
+        graph[name] = {
+            m if m.startswith("jaxsparse.experiments.") else f"{m}.{n}"
+            for m, n in _imports(path)
+            if m.startswith("jaxsparse.experiments")
+        } & {f"jaxsparse.experiments.{p.stem}" for p in package.glob("*.py")}
+    seen, stack = set(), []
+
+    def visit(node):
+        assert node not in stack, f"import cycle: {[*stack, node]}"
+        if node in seen:
+            return
+        stack.append(node)
+        for child in graph.get(node, ()):
+            visit(child)
+        stack.pop()
+        seen.add(node)
+
+    for node in graph:
+        visit(node)
+    assert "jaxsparse.experiments.cli" not in set().union(*graph.values())
