@@ -342,9 +342,9 @@ class SBP(nnx.Module):
     def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
         mu, log_sigma = self.mu[...], self.log_sigma[...]
         if key is None:
-            theta = sbp_mean(mu, log_sigma, self.a, self.b) * sbp_mask(
-                mu, log_sigma, 1.0, self.a, self.b
-            )
+            keep = sbp_mask(mu, log_sigma, 1.0, self.a, self.b)
+            mean = sbp_mean(mu, log_sigma, self.a, self.b)
+            theta = jnp.where(keep, mean, jnp.zeros((), mean.dtype))
         else:
             theta = sbp_sample(mu, log_sigma, key, self.a, self.b)
         return x * theta.reshape((1,) * (x.ndim - 1) + theta.shape)

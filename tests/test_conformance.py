@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from optax_helpers import standard
 
 import jaxsparse as js
 from jaxsparse import regularizers as rg
@@ -146,27 +147,10 @@ def build(name, params, *, inner=None):
     """The transform alone: wrappers wrap ``inner``, the rest follow it."""
     case = TRANSFORMS[name]
     kwargs = kwargs_for(case, params)
-    adam = inner if inner is not None else _standard(optax.adam(1e-2))
+    adam = inner if inner is not None else standard(optax.adam(1e-2))
     if case.wraps:
         return case.factory(adam, **kwargs)
     return optax.chain(adam, case.factory(**kwargs))
-
-
-def _standard(tx):
-    """optax's own code mixes Python floats with int32 counts, which strict
-    promotion rejects: confine standard promotion to the optax calls."""
-
-    def init(params):
-        with jax.numpy_dtype_promotion("standard"):
-            return tx.init(params)
-
-    def update(updates, state, params=None, **extra):
-        with jax.numpy_dtype_promotion("standard"):
-            return optax.with_extra_args_support(tx).update(
-                updates, state, params, **extra
-            )
-
-    return optax.GradientTransformationExtraArgs(init, update)
 
 
 def run(tx, params, steps=14, *, extra=None):
@@ -253,7 +237,7 @@ def test_inside_chain_and_multisteps(name):
     params = params_of(jnp.float32)
     case = TRANSFORMS[name]
     tx = build(name, params)
-    chained = optax.chain(_standard(optax.identity()), tx)
+    chained = optax.chain(standard(optax.identity()), tx)
     a, _, _ = run(tx, params, steps=6)
     b, _, traces = run(chained, params, steps=6)
     assert traces == 1
@@ -276,7 +260,7 @@ def test_inject_hyperparams(name):
     case = TRANSFORMS[name]
     params = params_of(jnp.float32)
     kwargs = kwargs_for(case, params)
-    inner = _standard(optax.adam(1e-2))
+    inner = standard(optax.adam(1e-2))
     injected = optax.inject_hyperparams(case.factory, static_args=case.static)
     if case.wraps:
         hyper = injected(inner, **kwargs)

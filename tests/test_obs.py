@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from optax_helpers import standard
 
 import jaxsparse as js
 from jaxsparse import curvature as cv
@@ -14,7 +15,7 @@ from jaxsparse.blocks import BlockInverse
 
 @pytest.fixture(autouse=True)
 def float64_standard():
-    with jax.enable_x64(True), jax.numpy_dtype_promotion("standard"):
+    with jax.enable_x64(True):
         yield
 
 
@@ -198,9 +199,9 @@ def test_mask_starts_keep_masked_and_prune():
     params = as_params(w_star)
     res = obs.obs_prune(params, cv.hessian_inverse(loss, params, damping=1e-9), 0.5)
     for tx in (
-        optax.chain(optax.adam(0.1), js.keep_masked(res.mask)),
+        optax.chain(standard(optax.adam(0.1)), js.keep_masked(res.mask)),
         optax.chain(
-            optax.adam(0.1),
+            standard(optax.adam(0.1)),
             js.prune(js.saliency.magnitude, js.schedules.constant(0.5, at=10**6)),
         ),
     ):

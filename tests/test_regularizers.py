@@ -13,7 +13,7 @@ from jaxsparse import regularizers as rg
 
 @pytest.fixture(autouse=True)
 def float64_standard():
-    with jax.enable_x64(True), jax.numpy_dtype_promotion("standard"):
+    with jax.enable_x64(True):
         yield
 
 

@@ -9,20 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from optax_helpers import standard
 
 import jaxsparse as js
 from jaxsparse import schedules
 from jaxsparse.experiments.models import init_mlp, loss_fn
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def standard_promotion():
-    """optax's optimizers mix Python floats with int32 counts, which strict
-    promotion rejects; transforms are tested inside real optax chains."""
-    with jax.numpy_dtype_promotion("standard"):
-        yield
 
 
 PARAMS = init_mlp(jax.random.key(0), (20, 30, 10))
@@ -32,7 +25,8 @@ Y = jnp.arange(64) % 10
 
 def base():
     return optax.chain(
-        optax.clip_by_global_norm(1.0), optax.adamw(1e-2, weight_decay=1e-2)
+        standard(optax.clip_by_global_norm(1.0)),
+        standard(optax.adamw(1e-2, weight_decay=1e-2)),
     )
 
 
@@ -43,7 +37,8 @@ def run(tx, steps, params=PARAMS, on_step=None, **extra):
     @jax.jit
     def step(params, state):
         traces.append(1)
-        grads = jax.grad(loss_fn)(params, X, Y)
+        x = X.astype(jax.tree.leaves(params)[0].dtype)
+        grads = jax.grad(loss_fn)(params, x, Y)
         updates, state = tx.update(grads, state, params, **extra)
         return optax.apply_updates(params, updates), state
 
@@ -183,7 +178,7 @@ def test_drop_smallest_grow_largest_gradient():
     params = {"w": jnp.array([[3.0, 2.0, 1.0, 0.5]]) * jnp.ones((2, 1))}
     grads = {"w": jnp.array([[0.0, 0.0, 0.0, 9.0]]) * jnp.ones((2, 1))}
     tx = js.dynamic_sparse(
-        optax.sgd(0.0),
+        standard(optax.sgd(0.0)),
         lambda grads: jax.tree.map(jnp.abs, grads),
         0.5,
         every=1,
@@ -208,10 +203,10 @@ def test_drop_smallest_grow_largest_gradient():
 @pytest.mark.parametrize(
     "inner,field",
     [
-        (lambda: optax.adam(1e-2), "mu"),
-        (lambda: optax.sgd(1e-2, momentum=0.9), "trace"),
-        (lambda: optax.adamw(1e-2), "nu"),
-        (lambda: optax.lion(1e-3), "mu"),
+        (lambda: standard(optax.adam(1e-2)), "mu"),
+        (lambda: standard(optax.sgd(1e-2, momentum=0.9)), "trace"),
+        (lambda: standard(optax.adamw(1e-2)), "nu"),
+        (lambda: standard(optax.lion(1e-3)), "mu"),
     ],
 )
 def test_sparsify_zeroes_moments_where_mask_changes(inner, field):
@@ -231,7 +226,7 @@ def test_sparsify_zeroes_moments_where_mask_changes(inner, field):
 
 
 def test_regrown_weights_start_at_zero_with_zero_moments():
-    tx = js.rigl(optax.adam(1e-2), 0.8, every=5, end=50, key=2)
+    tx = js.rigl(standard(optax.adam(1e-2)), 0.8, every=5, end=50, key=2)
     history = []
     run(tx, 6, on_step=lambda t, p, s: history.append((p, s)))
     old = optax.tree.get(history[4][1], "mask")
@@ -287,11 +282,14 @@ def test_extra_args_reach_adaptive_schedule_and_criterion():
 
 
 def test_works_inside_multisteps():
-    tx = optax.MultiSteps(
-        optax.chain(
-            optax.adam(1e-2), js.prune(js.saliency.magnitude, schedules.constant(0.5))
-        ),
-        every_k_schedule=2,
+    tx = standard(
+        optax.MultiSteps(
+            optax.chain(
+                optax.adam(1e-2),
+                js.prune(js.saliency.magnitude, schedules.constant(0.5)),
+            ),
+            every_k_schedule=2,
+        )
     )
     params, state, traces = run(tx, 6)
     assert traces == 1
@@ -328,12 +326,12 @@ def test_works_inside_multisteps():
             "inner must be an optax",
         ),
         (
-            lambda: js.rigl(optax.adam(1e-3), 1.0, every=10, end=100, key=0),
+            lambda: js.rigl(standard(optax.adam(1e-3)), 1.0, every=10, end=100, key=0),
             ValueError,
             r"sparsity must be in \[0, 1\)",
         ),
         (
-            lambda: js.rigl(optax.adam(1e-3), 0.5, every=0, end=100, key=0),
+            lambda: js.rigl(standard(optax.adam(1e-3)), 0.5, every=0, end=100, key=0),
             ValueError,
             "every must be a positive int",
         ),
@@ -353,7 +351,8 @@ def test_prune_without_params_raises():
 def test_bf16_params_keep_dtype_and_zeros():
     params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), PARAMS)
     tx = optax.chain(
-        optax.sgd(1e-2), js.prune(js.saliency.magnitude, schedules.constant(0.5))
+        standard(optax.sgd(1e-2)),
+        js.prune(js.saliency.magnitude, schedules.constant(0.5)),
     )
     out, state, _ = run(tx, 5, params=params)
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(out))
@@ -369,19 +368,26 @@ def load_example(name):
     return module
 
 
-def test_example_nnx_optimizer():
+@pytest.fixture
+def as_users_run_it():
+    """The examples are user code calling optax directly: standard promotion."""
+    with jax.numpy_dtype_promotion("standard"):
+        yield
+
+
+def test_example_nnx_optimizer(as_users_run_it):
     assert load_example("nnx_prune").main(steps=60, sparsity=0.8) == pytest.approx(
         0.8, abs=1e-3
     )
 
 
-def test_example_linen_train_state():
+def test_example_linen_train_state(as_users_run_it):
     assert load_example("linen_rigl").main(steps=60, sparsity=0.7) == pytest.approx(
         0.7, abs=1e-3
     )
 
 
-def test_example_general_schedule():
+def test_example_general_schedule(as_users_run_it):
     report = load_example("general_schedule").main(steps_per_phase=15)
     assert report.sparsity == pytest.approx(0.9, abs=1e-3)
 
@@ -395,7 +401,7 @@ def test_set_drops_smallest_positive_and_largest_negative_by_a_constant_zeta():
     grow_scores = {"w": jnp.array([[0.0] * 10 + [1.0] * 10])}
     for t in (10, 90):
         tx = js.dynamic_sparse(
-            optax.sgd(0.0),
+            standard(optax.sgd(0.0)),
             lambda params: grow_scores,
             0.5,
             every=10,
@@ -417,7 +423,7 @@ def test_set_drops_smallest_positive_and_largest_negative_by_a_constant_zeta():
         assert kept[10:].sum() == 5
     with pytest.raises(ValueError, match="drop must be"):
         js.dynamic_sparse(
-            optax.sgd(0.1),
+            standard(optax.sgd(0.1)),
             js.saliency.magnitude,
             0.5,
             every=1,
@@ -497,9 +503,11 @@ def test_dense_phase_restores_or_restarts_pruned_weights(form, make, restored):
     params = {"w": w0}
     schedule = make()
     if form == "chain":
-        tx = optax.chain(optax.sgd(0.0), js.prune(js.saliency.magnitude, schedule))
+        tx = optax.chain(
+            standard(optax.sgd(0.0)), js.prune(js.saliency.magnitude, schedule)
+        )
     else:
-        tx = js.sparsify(optax.sgd(0.0), js.saliency.magnitude, schedule)
+        tx = js.sparsify(standard(optax.sgd(0.0)), js.saliency.magnitude, schedule)
     state = tx.init(params)
     step = jax.jit(tx.update)
     seen = []
@@ -535,11 +543,14 @@ def test_custom_per_layer_targets_follow_a_schedule():
     want = {"fc1": 0.92, "fc2": 0.9, "fc3": 0.75}
     for tx in (
         optax.chain(
-            optax.sgd(0.0),
+            standard(optax.sgd(0.0)),
             js.prune(js.saliency.magnitude, schedule, distribution=custom),
         ),
         js.sparsify(
-            optax.sgd(0.0), js.saliency.magnitude, schedule, distribution=custom
+            standard(optax.sgd(0.0)),
+            js.saliency.magnitude,
+            schedule,
+            distribution=custom,
         ),
     ):
         state = tx.init(params)
@@ -553,7 +564,9 @@ def test_custom_per_layer_targets_follow_a_schedule():
                     assert pruned == round(s / 3 * mask[k].size), (k, t)
         for k, s in want.items():
             assert int((~np.asarray(mask[k])).sum()) == round(s * mask[k].size), k
-    rigl = js.rigl(optax.sgd(0.1), final, every=2, end=10, key=0, distribution=custom)
+    rigl = js.rigl(
+        standard(optax.sgd(0.1)), final, every=2, end=10, key=0, distribution=custom
+    )
     mask = rigl.init(params).mask
     for k, s in want.items():
         assert int((~np.asarray(mask[k])).sum()) == round(s * mask[k].size), k
