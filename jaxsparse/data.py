@@ -38,6 +38,11 @@ def digits(seed: int = 0, test_fraction: float = 0.25) -> Split:
 
     Returns:
       A :class:`Split` with 64 features per example and 10 classes.
+
+    Example:
+      >>> split = digits(0)
+      >>> split.x_train.shape, split.x_test.shape, split.num_classes
+      ((1347, 64), (450, 64), 10)
     """
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")

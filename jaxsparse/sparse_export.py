@@ -39,6 +39,14 @@ def sparse_kernel(kernel, *, format: str = "bcsr"):
 
 def sparse_dense_layer(x, kernel_t, bias=None):
     """``x @ kernel + bias`` from :func:`sparse_kernel`'s transposed sparse
-    kernel, computed as ``(kernel^T x^T)^T``."""
+    kernel, computed as ``(kernel^T x^T)^T``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> kernel = jnp.array([[1.0, 0.0], [0.0, 0.0], [0.0, 2.0]])
+      >>> layer = sparse_kernel(kernel)
+      >>> sparse_dense_layer(jnp.ones((1, 3)), layer, jnp.array([0.5, 0.5]))
+      Array([[1.5, 2.5]], dtype=float32)
+    """
     out = (kernel_t @ jnp.asarray(x).T).T
     return out if bias is None else out + bias[None, :]

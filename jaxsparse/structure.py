@@ -141,6 +141,12 @@ class Block:
 
     A block with fewer dimensions than the leaf covers its last dimensions
     (size 1 along the leading ones). Stored with one index per block.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxsparse as js
+      >>> js.Block((2, 2)).group_scores(jnp.arange(16.0).reshape(4, 4))
+      Array([[10., 18.],
+             [42., 50.]], dtype=float32)
     """
 
     fixed_sparsity = None
@@ -183,7 +189,14 @@ class Block:
 class Channel:
     """All entries sharing an index along ``axis``: a neuron of a dense kernel
     ``(in, out)`` with ``axis=-1``, a filter of a conv kernel ``HWIO`` with
-    ``axis=-1``, an input channel with ``axis=-2``."""
+    ``axis=-1``, an input channel with ``axis=-2``.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxsparse as js
+      >>> scores = jnp.array([[1.0, -5.0, 0.5], [2.0, 1.0, 0.5]])
+      >>> js.Channel(-1).group_scores(scores)  # one score per output neuron
+      Array([3., 6., 1.], dtype=float32)
+    """
 
     fixed_sparsity = None
 
@@ -213,6 +226,11 @@ class Strided(_SplitAxis):
 
     A kept group is then described by an offset and the stride: index
     ``r, r + stride, r + 2 * stride, ...`` of each fibre along ``axis``.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxsparse as js
+      >>> js.Strided(2).group_scores(jnp.array([[1.0, 10.0, 2.0, 20.0]]))
+      Array([[ 3., 30.]], dtype=float32)
     """
 
     stride: int
@@ -236,6 +254,11 @@ class NM(_SplitAxis):
 
     The sparsity is fixed at ``1 - n / m``. Within a group the higher scores
     are kept; equal scores keep the earlier entry; NaN ranks lowest.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxsparse as js
+      >>> js.NM(2, 4).keep(jnp.array([[0.1, 0.9, 0.5, 0.3, 4.0, 3.0, 2.0, 1.0]]))
+      Array([[False,  True,  True, False,  True,  True, False, False]], dtype=bool)
     """
 
     n: int
@@ -273,7 +296,13 @@ class NM(_SplitAxis):
 
 
 def num_groups(granularity: Granularity, shape: tuple[int, ...]) -> int:
-    """Number of groups a leaf of ``shape`` has under ``granularity``."""
+    """Number of groups a leaf of ``shape`` has under ``granularity``.
+
+    Example:
+      >>> import jaxsparse as js
+      >>> num_groups(js.Block((2, 4)), (8, 8)), num_groups(js.Channel(0), (8, 3))
+      (8, 8)
+    """
     return math.prod(granularity.group_shape(shape))
 
 
