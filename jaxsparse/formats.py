@@ -52,7 +52,12 @@ _HEADER_FIELD_BITS = 64
 
 
 def lg(x: int) -> int:
-    """``ceil(log2 x)`` for ``x >= 1`` (0 for ``x <= 1``), exactly, for any size."""
+    """``ceil(log2 x)`` for ``x >= 1`` (0 for ``x <= 1``), exactly, for any size.
+
+    Example:
+      >>> [lg(x) for x in (1, 2, 3, 8, 9, 2**40)]
+      [0, 1, 2, 3, 4, 40]
+    """
     return max(int(x) - 1, 0).bit_length()
 
 
@@ -535,6 +540,10 @@ def get_format(name: str) -> Format:
 
     Raises:
       ValueError: an unknown name.
+
+    Example:
+      >>> get_format("bitmap").model(100, 10, 8)  # n + m k
+      180
     """
     try:
         return _REGISTRY[name]

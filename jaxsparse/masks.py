@@ -51,6 +51,12 @@ def apply_mask(params: Params, mask: Mask) -> Params:
 
     Raises:
       ValueError: if the trees or a leaf's shapes differ.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxsparse as js
+      >>> params = {"w": jnp.array([[1.0, 2.0]]), "b": jnp.ones(1)}
+      >>> js.apply_mask(params, {"w": jnp.array([[False, True]]), "b": None})["w"]
+      Array([[0., 2.]], dtype=float32)
     """
     _tree.check_same_tree(params, mask, name="mask", ref_name="params")
     return tree_util.tree_map(

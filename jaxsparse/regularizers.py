@@ -60,6 +60,11 @@ def _abs(w: jax.Array) -> jax.Array:
 def l1(params: Params, *, include: LeafSelector = None) -> jax.Array:
     """``sum |w|`` over the selected leaves.
 
+    Example:
+      >>> import jax.numpy as jnp
+      >>> float(l1({"w": jnp.array([[1.0, -2.0]]), "b": jnp.array([5.0])}))  # b skipped
+      3.0
+
     References:
       Tibshirani 1996; Hoefler et al. 2021, §3.6.
     """
@@ -193,6 +198,12 @@ def group_lasso(
 ) -> jax.Array:
     """Group lasso ``sum_g sqrt(n_g) ||w_g||_2`` over the groups of a
     granularity (``Channel(-1)`` for neurons or filters, ``Block``, ...).
+
+    Example:
+      >>> import jax.numpy as jnp, jaxsparse as js
+      >>> w = {"w": jnp.array([[3.0, 0.0], [4.0, 0.0]])}
+      >>> float(group_lasso(w, js.Channel(-1)))  # sqrt(2) * (5 + 0)
+      7.071067810058594
 
     References:
       Yuan & Lin 2006; Wen et al. 2016; Hoefler et al. 2021, §3.6.
@@ -409,7 +420,13 @@ def _proximal(name, shrink, learning_rate, strength):
 
 
 def soft_threshold(w: jax.Array, tau: jax.Array) -> jax.Array:
-    """The proximal operator of ``tau |w|``: ``sign(w) max(|w| - tau, 0)``."""
+    """The proximal operator of ``tau |w|``: ``sign(w) max(|w| - tau, 0)``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> soft_threshold(jnp.array([-2.0, 0.3, 1.0]), 0.5)
+      Array([-1.5,  0. ,  0.5], dtype=float32)
+    """
     return jnp.sign(w) * jnp.maximum(jnp.abs(w) - tau, 0.0)
 
 
@@ -427,6 +444,14 @@ def proximal_l1(
     that the pair is one proximal-gradient step:
     ``optax.chain(optax.sgd(lr), proximal_l1(lam, lr))``. After an adaptive
     optimizer it is a heuristic (the threshold ignores the per-weight scale).
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> params = {"w": jnp.array([[0.05, -1.0]])}
+      >>> tx = optax.chain(optax.sgd(0.1), proximal_l1(1.0, 0.1))
+      >>> updates, _ = tx.update({"w": jnp.zeros((1, 2))}, tx.init(params), params)
+      >>> optax.apply_updates(params, updates)["w"].tolist()
+      [[0.0, -0.8999999761581421]]
 
     References:
       Parikh & Boyd 2014, §6.5.2; Hoefler et al. 2021, §3.6.

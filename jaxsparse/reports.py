@@ -25,6 +25,11 @@ def sparsity(tree: Any, *, include: LeafSelector = None) -> jax.Array:
     """Fraction of zero entries (``False`` for masks) over the selected leaves.
 
     Jittable; returns a float32 scalar (0 when nothing is selected).
+
+    Example:
+      >>> import jax.numpy as jnp, jaxsparse as js
+      >>> float(js.sparsity({"w": jnp.array([[0.0, 1.0], [0.0, 0.0]])}))
+      0.75
     """
     leaves = [x for _, x in _tree.selected(tree, include)]
     size = sum(x.size for x in leaves)

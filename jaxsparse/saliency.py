@@ -83,6 +83,11 @@ def taylor(params: Params, grads: Params) -> Scores:
     Raises:
       ValueError: if ``grads`` does not mirror ``params``.
 
+    Example:
+      >>> import jax.numpy as jnp, jaxsparse as js
+      >>> js.saliency.taylor({"w": jnp.array([2.0, -1.0])}, {"w": jnp.array([0.5, 3.0])})
+      {'w': Array([1., 3.], dtype=float32)}
+
     References:
       Hoefler et al. 2021, §3.4; Molchanov et al. 2019.
     """

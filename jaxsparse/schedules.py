@@ -113,6 +113,11 @@ def polynomial(
       every: steps between mask updates.
       power: the exponent (3 in the paper).
 
+    Example:
+      >>> t = polynomial(0.0, 0.8, begin=0, end=100, every=50)
+      >>> [round(float(t(s).sparsity), 3) for s in (0, 50, 100)], bool(t(50).update)
+      ([0.0, 0.7, 0.8], True)
+
     References:
       Zhu & Gupta 2017, eq. 1; Hoefler et al. 2021, §2.4.2.
     """
@@ -237,6 +242,13 @@ def iht(
     "re-activate[s] the frozen connections and train[s] the entire
     network"); ``restore=False`` restarts them from 0 instead.
 
+    Example:
+      >>> t = iht(0.5, sparse_steps=2, dense_steps=1, cycles=1)
+      >>> [(float(t(s).sparsity), bool(t(s).dense)) for s in range(4)]
+      [(0.5, False), (0.5, False), (0.0, True), (0.5, False)]
+      >>> t.restores
+      True
+
     References:
       Jin et al. 2016, "Training skinny deep neural networks with iterative
       hard thresholding methods", Alg. 1; Hoefler et al. 2021, §2.4.3.
@@ -257,6 +269,11 @@ def dsd(
     "re-initialize the pruned parameters from zero and retrain the whole
     dense network"); ``restore=True`` brings back their pruned values.
 
+    Example:
+      >>> t = dsd(0.5, dense_steps=1, sparse_steps=2)
+      >>> [bool(t(s).dense) for s in range(4)], t.restores
+      ([True, False, False, True], False)
+
     References:
       Han et al. 2017, "DSD: Dense-sparse-dense training", §2;
       Hoefler et al. 2021, §2.4.3.
@@ -270,6 +287,11 @@ def dsd(
 def cosine_drop_fraction(initial: float = 0.3, *, end: int) -> Callable:
     """The drop-and-grow fraction of RigL: ``initial / 2 (1 + cos(pi t / end))``,
     0 from ``end`` on.
+
+    Example:
+      >>> f = cosine_drop_fraction(0.3, end=100)
+      >>> [round(float(f(t)), 3) for t in (0, 50, 100, 200)]
+      [0.3, 0.15, 0.0, 0.0]
 
     References:
       Evci et al. 2020, "Rigging the Lottery", eq. 1; Hoefler et al. 2021, §4.
@@ -372,6 +394,13 @@ def adaptive(
 
 def mask_distance(a: Mask, b: Mask) -> jax.Array:
     """Normalized Hamming distance between two masks of one tree (jittable).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> a = {"w": jnp.array([True, True, False, False])}
+      >>> b = {"w": jnp.array([True, False, True, False])}
+      >>> float(mask_distance(a, b))
+      0.5
 
     References:
       You et al. 2020, "Drawing early-bird tickets", §3.2.

@@ -324,6 +324,15 @@ def prune(
       ValueError: at ``update`` without params; at construction for a
         criterion that takes ``key`` when no key is given.
 
+    Example:
+      >>> import jax.numpy as jnp, optax, jaxsparse as js
+      >>> params = {"w": jnp.array([[4.0, -1.0, 3.0, 0.5]])}
+      >>> tx = optax.chain(optax.sgd(0.0), js.prune(js.saliency.magnitude,
+      ...                                           js.schedules.constant(0.5)))
+      >>> updates, state = tx.update(params, tx.init(params), params)
+      >>> optax.apply_updates(params, updates)["w"].tolist()
+      [[4.0, 0.0, 3.0, 0.0]]
+
     References:
       Hoefler et al. 2021, §2.4.2; Zhu & Gupta 2017.
     """
@@ -451,6 +460,15 @@ def sparsify(
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with a
       :class:`SparsifyState`.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, jaxsparse as js
+      >>> params = {"w": jnp.array([[4.0, -1.0], [3.0, 0.5]])}
+      >>> tx = js.sparsify(optax.sgd(0.0), js.saliency.magnitude,
+      ...                  js.schedules.constant(0.5))
+      >>> _, state = tx.update(params, tx.init(params), params)
+      >>> state.mask["w"].tolist()
+      [[True, False], [True, False]]
 
     References:
       Hoefler et al. 2021, §2.4; Jin et al. 2016; Han et al. 2017.
@@ -652,6 +670,13 @@ def rigl(
 ) -> optax.GradientTransformationExtraArgs:
     """RigL: drop the smallest magnitudes, grow where the dense gradient is
     largest (see :func:`dynamic_sparse` for the arguments).
+
+    Example:
+      >>> import jax.numpy as jnp, optax, jaxsparse as js
+      >>> params = {"w": jnp.ones((4, 5))}
+      >>> tx = js.rigl(optax.adam(1e-3), 0.8, every=100, end=1000, key=0)
+      >>> int((~tx.init(params).mask["w"]).sum())  # 80 % of 20 entries
+      16
 
     References:
       Evci et al. 2020, "Rigging the Lottery: Making all tickets winners".

@@ -25,7 +25,13 @@ K1, K2, K3 = 0.63576, 1.87320, 1.48695
 
 
 def log_alpha(theta: jax.Array, log_sigma2: jax.Array) -> jax.Array:
-    """``log alpha = log sigma^2 - log theta^2`` of ``w ~ N(theta, alpha theta^2)``."""
+    """``log alpha = log sigma^2 - log theta^2`` of ``w ~ N(theta, alpha theta^2)``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> log_alpha(jnp.array([2.0]), jnp.log(jnp.array([4.0])))  # alpha = 4 / 2^2
+      Array([0.], dtype=float32)
+    """
     return log_sigma2 - jnp.log(jnp.square(theta) + 1e-8)
 
 
@@ -45,7 +51,14 @@ def svd_kl(theta: jax.Array, log_sigma2: jax.Array) -> jax.Array:
 def svd_mask(
     theta: jax.Array, log_sigma2: jax.Array, threshold: float = 3.0
 ) -> jax.Array:
-    """Keep where ``log alpha <= threshold`` (3 in the paper)."""
+    """Keep where ``log alpha <= threshold`` (3 in the paper).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> theta = jnp.array([1.0, 1.0])
+      >>> svd_mask(theta, jnp.array([-8.0, 4.0]))  # log alpha = -8, 4
+      Array([ True, False], dtype=bool)
+    """
     return log_alpha(theta, log_sigma2) <= threshold
 
 
