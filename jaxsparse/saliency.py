@@ -85,7 +85,8 @@ def taylor(params: Params, grads: Params) -> Scores:
 
     Example:
       >>> import jax.numpy as jnp, jaxsparse as js
-      >>> js.saliency.taylor({"w": jnp.array([2.0, -1.0])}, {"w": jnp.array([0.5, 3.0])})
+      >>> w, g = {"w": jnp.array([2.0, -1.0])}, {"w": jnp.array([0.5, 3.0])}
+      >>> js.saliency.taylor(w, g)
       {'w': Array([1., 3.], dtype=float32)}
 
     References:

@@ -145,3 +145,22 @@ def test_experiments_have_no_import_cycle():
     for node in graph:
         visit(node)
     assert "jaxsparse.experiments.cli" not in set().union(*graph.values())
+
+
+def test_every_public_module_has_doctested_examples():
+    """The test suite runs the doctests (``--doctest-modules``); every public
+    module must have some."""
+    import inspect
+
+    for name in js.__all__:
+        module = getattr(js, name)
+        if not inspect.ismodule(module):
+            continue
+        documented = [
+            n
+            for n, obj in vars(module).items()
+            if not n.startswith("_")
+            and getattr(obj, "__module__", None) == module.__name__
+            and ">>>" in (getattr(obj, "__doc__", None) or "")
+        ]
+        assert documented, f"jaxsparse.{name} has no doctested example"
