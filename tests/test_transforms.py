@@ -570,3 +570,28 @@ def test_custom_per_layer_targets_follow_a_schedule():
     mask = rigl.init(params).mask
     for k, s in want.items():
         assert int((~np.asarray(mask[k])).sum()) == round(s * mask[k].size), k
+
+
+@pytest.mark.parametrize(
+    "name,tx",
+    [
+        ("keep_masked", lambda p: js.keep_masked(js.dense_mask(p))),
+        ("prune", lambda p: js.prune(js.saliency.magnitude, schedules.constant(0.5))),
+        (
+            "sparsify",
+            lambda p: js.sparsify(
+                optax.sgd(0.1), js.saliency.magnitude, schedules.constant(0.5)
+            ),
+        ),
+        ("add_penalty", lambda p: js.regularizers.add_penalty(js.regularizers.l1, 0.1)),
+    ],
+)
+def test_updates_of_another_tree_name_the_transform_and_leaf(name, tx):
+    """Regression: a mismatched updates tree surfaced JAX's raw pytree error."""
+    params = {"a": jnp.ones((2, 3)), "b": jnp.ones((3, 2))}
+    t = tx(params)
+    state = t.init(params)
+    with pytest.raises(ValueError, match=rf"{name}: updates tree does not match.*b"):
+        t.update({"a": jnp.ones((2, 3))}, state, params)
+    with pytest.raises(ValueError, match=rf"b: {name}: updates shape \(2, 3\)"):
+        t.update({"a": jnp.ones((2, 3)), "b": jnp.ones((2, 3))}, state, params)
