@@ -122,6 +122,19 @@ def leaf_blocks(inverse: BlockInverse, v: Params) -> Any:
     )
 
 
+def stacked_blocks(inverse: BlockInverse, tree: Any, dtype: Any) -> jax.Array:
+    """The covered leaves of ``tree`` (bool or float, shaped like the params)
+    as one ``(T, B)`` batch of ``dtype``, in the order of the stacked
+    blocks; padding entries are 0."""
+    cast = tree_util.tree_map(
+        lambda b, t: None if b is None else jnp.asarray(t).astype(dtype),
+        inverse.blocks,
+        tree,
+        is_leaf=_tree.is_none,
+    )
+    return stack(leaf_blocks(inverse, cast))[0]
+
+
 def from_blocks(inverse: BlockInverse, blocks: Any, like: Params) -> Params:
     """The inverse of :func:`leaf_blocks`: ``(n_blocks, B)`` per covered
     leaf back to the shape and dtype of ``like``'s leaf."""

@@ -25,7 +25,7 @@ from jax import lax, tree_util
 
 from jaxsparse import _tree
 from jaxsparse._types import KeyPath, LeafSelector, LossFn, Mask, Params
-from jaxsparse.blocks import BlockInverse, blocked, stack
+from jaxsparse.blocks import BlockInverse, stack, stacked_blocks
 
 
 def hvp(loss_fn: LossFn, params: Params, v: Params, *args: Any) -> Params:
@@ -412,20 +412,15 @@ def hessian_inverse(
     blocks, split = stack(_tree.map_selected(block, params, include))
     if mask is not None:
         _tree.check_same_tree(params, mask, name="mask", ref_name="params")
-        kept = tree_util.tree_map(
-            lambda b, m, x: (
-                None
-                if b is None
-                else blocked((jnp.ones(x.shape, bool) if m is None else m)[None], size)[
-                    :, 0
-                ]
-            ),
-            split(blocks),
+        # A dense (None) mask leaf keeps everything.
+        full = tree_util.tree_map(
+            lambda m, x: jnp.ones(x.shape, bool) if m is None else m,
             mask,
             params,
             is_leaf=_tree.is_none,
         )
-        keep = stack(kept)[0].astype(blocks.dtype)
+        covered = BlockInverse(split(blocks), size, damping)
+        keep = stacked_blocks(covered, full, blocks.dtype)
         blocks = blocks * keep[:, :, None] * keep[:, None, :]
     eye = jnp.eye(size, dtype=blocks.dtype)
     # One batched inverse for every leaf (see jaxsparse.blocks).

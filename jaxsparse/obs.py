@@ -105,31 +105,19 @@ def _condition(a: jax.Array, pruned: jax.Array) -> jax.Array:
     return a - (a * pruned[:, None, :]) @ _masked_solve(a, pruned, a)
 
 
-def _as_blocks(inverse: BlockInverse, tree: Any, like: Params, dtype) -> jax.Array:
-    """``tree``'s covered leaves (bool or float, shaped like ``like``) as one
-    ``(T, B)`` batch of ``dtype``; padding entries are 0."""
-    cast = tree_util.tree_map(
-        lambda t, x: None if t is None else jnp.asarray(t).astype(dtype),
-        tree,
-        like,
-        is_leaf=_tree.is_none,
-    )
-    return blocks.stack(blocks.leaf_blocks(inverse, cast))[0]
-
-
 def _obs_step(params, inverse, g, previous, sparsity, method, distribution):
     """One pruning step of :func:`obs_prune`, every block of every leaf in
     one batch."""
     full, split = blocks.stack(inverse.blocks)
     dtype = full.dtype
-    w = _as_blocks(inverse, params, params, dtype)
-    real = _as_blocks(inverse, jax.tree.map(jnp.ones_like, params), params, dtype)
+    w = blocks.stacked_blocks(inverse, params, dtype)
+    real = blocks.stacked_blocks(inverse, jax.tree.map(jnp.ones_like, params), dtype)
     pruned = None
     a = full
     if previous is not None:
-        pruned = real * (1 - _as_blocks(inverse, previous, params, dtype))
+        pruned = real * (1 - blocks.stacked_blocks(inverse, previous, dtype))
         a = _condition(full, pruned)
-    gb = None if g is None else _as_blocks(inverse, g, params, dtype)
+    gb = None if g is None else blocks.stacked_blocks(inverse, g, dtype)
     u = jnp.zeros_like(w) if gb is None else jnp.einsum("kij,kj->ki", a, gb)
     diag = jnp.diagonal(a, axis1=1, axis2=2)
     rho = jnp.square(w - u) / (2 * diag)
@@ -144,7 +132,7 @@ def _obs_step(params, inverse, g, previous, sparsity, method, distribution):
         include=lambda p, _: p in covered,
     )
     # Q: the real entries pruned now and not before.
-    q = real * (1 - _as_blocks(inverse, mask, params, dtype))
+    q = real * (1 - blocks.stacked_blocks(inverse, mask, dtype))
     if pruned is not None:
         q = q * (1 - pruned)
     r = q * (w - u)

@@ -220,3 +220,21 @@ def test_bad_input(call, message):
     params, _, loss, x, y, *_ = setup("mlp-dict")
     with pytest.raises(ValueError, match=message):
         call(params, loss, x, y)
+
+
+def test_hessian_inverse_with_a_mask_is_the_survivors_inverse():
+    params, _, loss, x, y, *_, H = setup("mlp-dict")
+    keep = np.arange(20) % 3 != 0
+    mask = {
+        "dense_0": {"kernel": jnp.asarray(keep.reshape(5, 4)), "bias": None},
+        "dense_1": {"kernel": None, "bias": None},
+    }
+    inv = cv.hessian_inverse(loss, params, x, y, damping=0.5, mask=mask)
+    block = H[4:24, 4:24] * keep[:, None] * keep[None, :]
+    ref = np.linalg.inv(block + 0.5 * np.eye(20))
+    np.testing.assert_allclose(inv.blocks["dense_0"]["kernel"][0], ref, rtol=1e-9)
+    # A dense (None) mask leaf keeps the whole block.
+    plain = cv.hessian_inverse(loss, params, x, y, damping=0.5)
+    np.testing.assert_allclose(
+        inv.blocks["dense_1"]["kernel"], plain.blocks["dense_1"]["kernel"], rtol=1e-12
+    )
