@@ -11,6 +11,7 @@ from jaxsparse import data as data
 from jaxsparse import distribution as distribution
 from jaxsparse import fisher as fisher
 from jaxsparse import formats as formats
+from jaxsparse import groups as groups
 from jaxsparse import masks as masks
 from jaxsparse import obs as obs
 from jaxsparse import regularizers as regularizers
@@ -36,6 +37,10 @@ from jaxsparse.distribution import Distribution as Distribution
 from jaxsparse.distribution import Global as Global
 from jaxsparse.distribution import Uniform as Uniform
 from jaxsparse.distribution import topk_mask as topk_mask
+from jaxsparse.groups import Groups as Groups
+from jaxsparse.groups import shrink as shrink
+from jaxsparse.groups import trace as trace
+from jaxsparse.groups import trace_module as trace_module
 from jaxsparse.masks import apply_mask as apply_mask
 from jaxsparse.masks import check_finite as check_finite
 from jaxsparse.masks import dense_mask as dense_mask
@@ -73,6 +78,7 @@ __all__ = (
     "Element",
     "Global",
     "Granularity",
+    "Groups",
     "KeepMaskedState",
     "KeyPath",
     "LeafSelector",
@@ -100,6 +106,7 @@ __all__ = (
     "fisher",
     "formats",
     "global_mask",
+    "groups",
     "keep_masked",
     "layerwise_mask",
     "masks",
@@ -111,6 +118,7 @@ __all__ = (
     "saliency",
     "schedules",
     "selection",
+    "shrink",
     "sparse_evolutionary",
     "sparse_export",
     "sparsify",
@@ -119,6 +127,8 @@ __all__ = (
     "storage",
     "structure",
     "topk_mask",
+    "trace",
+    "trace_module",
     "transforms",
     "variational",
 )

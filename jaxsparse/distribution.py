@@ -47,6 +47,7 @@ from jax import lax
 
 from jaxsparse import _tree
 from jaxsparse._types import LeafSelector, Mask, Params, Scores, Sparsity, SparsityTree
+from jaxsparse.groups import Groups, units_include
 from jaxsparse.selection import global_mask, layerwise_mask
 from jaxsparse.structure import Element, Granularity, Reduce
 
@@ -100,6 +101,10 @@ class Allocation(Distribution):
         include: LeafSelector = None,
         reduce: Reduce = "l1",
     ) -> Mask:
+        if isinstance(granularity, Groups):
+            units = granularity.unit_scores(scores, reduce)
+            keep = self.mask(units, sparsity, include=units_include(include))
+            return granularity.element_mask(keep, scores)
         if granularity.fixed_sparsity is not None:
             return layerwise_mask(
                 scores, None, granularity=granularity, include=include

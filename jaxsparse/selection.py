@@ -29,6 +29,7 @@ from jax import tree_util
 from jaxsparse import _tree
 from jaxsparse._select import num_pruned, prune_lowest
 from jaxsparse._types import LeafSelector, Mask, Scores, Sparsity, SparsityTree
+from jaxsparse.groups import Groups, units_include
 from jaxsparse.structure import Element, Granularity, Reduce, check_granularity
 
 
@@ -134,7 +135,10 @@ def layerwise_mask(
         then not consulted). ``None`` only with :class:`~jaxsparse.NM`, which
         fixes the sparsity itself. May be traced.
       granularity: which entries are removed together; the fraction counts
-        groups (``round(s * groups)`` groups are pruned in each leaf).
+        groups (``round(s * groups)`` groups are pruned in each leaf). With
+        :class:`~jaxsparse.groups.Groups`, each unit set is pruned to its
+        own fraction of units; ``sparsity`` is then one fraction or a dict
+        keyed by set name, and ``include`` selects sets by name.
       include: which leaves to prune when ``sparsity`` is a scalar.
       reduce: how element scores become group scores: ``"l1"`` (sum of
         absolute values), ``"l2"`` (Euclidean norm) or ``"sum"``.
@@ -158,6 +162,10 @@ def layerwise_mask(
     References:
       Hoefler et al. 2021, §3.2 (layer-wise magnitude thresholds).
     """
+    if isinstance(granularity, Groups):
+        units = granularity.unit_scores(scores, reduce)
+        keep = layerwise_mask(units, sparsity, include=units_include(include))
+        return granularity.element_mask(keep, scores)
     entries = _leaf_sparsities(scores, sparsity, include)
     _check_leaves(entries, granularity)
     if granularity.fixed_sparsity is not None:
@@ -198,7 +206,8 @@ def global_mask(
     Args:
       scores: a pytree of float scores (higher means keep).
       sparsity: the fraction of all selected groups to prune (may be traced).
-      granularity: which entries are removed together (groups are counted).
+      granularity: which entries are removed together (groups are counted;
+        with :class:`~jaxsparse.groups.Groups`, units of every set compete).
       include: which leaves take part.
       reduce: group reduction, as in :func:`layerwise_mask`.
       min_density: the fraction of each leaf's groups that is always kept,
@@ -228,6 +237,12 @@ def global_mask(
         raise ValueError("global_mask takes one scalar sparsity for all leaves")
     if not 0.0 <= float(min_density) <= 1.0:
         raise ValueError(f"min_density must be in [0, 1], got {min_density!r}")
+    if isinstance(granularity, Groups):
+        units = granularity.unit_scores(scores, reduce)
+        keep = global_mask(
+            units, sparsity, include=units_include(include), min_density=min_density
+        )
+        return granularity.element_mask(keep, scores)
     entries = _leaf_sparsities(scores, sparsity, include)
     _check_leaves(entries, granularity)
     if granularity.fixed_sparsity is not None:

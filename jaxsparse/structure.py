@@ -50,7 +50,10 @@ class Granularity(Protocol):
         with ``keep(scores) -> element mask``."""
 
 
-def _reduce(x: jax.Array, axes: tuple[int, ...], reduce: Reduce) -> jax.Array:
+def reduce_scores(x: jax.Array, axes: tuple[int, ...], reduce: Reduce) -> jax.Array:
+    """Reduces element scores over ``axes`` to group scores: ``"l1"`` (sum
+    of absolute values), ``"l2"`` (Euclidean norm) or ``"sum"``, in at
+    least float32."""
     if reduce not in _REDUCTIONS:
         raise ValueError(f"reduce must be one of {_REDUCTIONS}, got {reduce!r}")
     if jnp.dtype(x.dtype).itemsize < 4:
@@ -105,7 +108,7 @@ class _SplitAxis:
     def group_scores(self, scores: jax.Array, reduce: Reduce = "l1") -> jax.Array:
         axis = self.axis % scores.ndim
         split = _split_axis(scores.shape, axis, self._inner)
-        return _reduce(scores.reshape(split), (self._reduced(axis),), reduce)
+        return reduce_scores(scores.reshape(split), (self._reduced(axis),), reduce)
 
     def expand(self, group_mask: jax.Array, shape: tuple[int, ...]) -> jax.Array:
         axis = self.axis % len(shape)
@@ -176,7 +179,9 @@ class Block:
     def group_scores(self, scores: jax.Array, reduce: Reduce = "l1") -> jax.Array:
         full = self._full(scores.shape)
         split = [x for d, b in zip(scores.shape, full) for x in (d // b, b)]
-        return _reduce(scores.reshape(split), tuple(range(1, len(split), 2)), reduce)
+        return reduce_scores(
+            scores.reshape(split), tuple(range(1, len(split), 2)), reduce
+        )
 
     def expand(self, group_mask: jax.Array, shape: tuple[int, ...]) -> jax.Array:
         full = self._full(shape)
@@ -211,7 +216,7 @@ class Channel:
     def group_scores(self, scores: jax.Array, reduce: Reduce = "l1") -> jax.Array:
         axis = self.axis % scores.ndim
         others = tuple(a for a in range(scores.ndim) if a != axis)
-        return _reduce(scores, others, reduce)
+        return reduce_scores(scores, others, reduce)
 
     def expand(self, group_mask: jax.Array, shape: tuple[int, ...]) -> jax.Array:
         axis = self.axis % len(shape)

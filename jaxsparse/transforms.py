@@ -43,6 +43,7 @@ from jaxsparse import _tree
 from jaxsparse._select import prune_lowest
 from jaxsparse._types import Criterion, LeafSelector, Mask, Params, Schedule, Scores
 from jaxsparse.distribution import Distribution, Uniform, topk_mask
+from jaxsparse.groups import Groups
 from jaxsparse.masks import apply_mask, dense_mask
 from jaxsparse.saliency import random as random_scores
 from jaxsparse.schedules import AdaptiveSchedule, cosine_drop_fraction
@@ -199,6 +200,8 @@ def _schedule_rule(
 
     def init_mask(params, key):
         del key
+        if isinstance(granularity, Groups):
+            return granularity.dense_mask(params)
         return dense_mask(params, include=include)
 
     def init_schedule():
@@ -310,7 +313,10 @@ def prune(
       criterion: scores from ``params``, ``grads``, ``key`` and extra args.
       schedule: a function of the step count (see :mod:`jaxsparse.schedules`)
         or an adaptive schedule.
-      granularity: which entries are pruned together.
+      granularity: which entries are pruned together; a
+        :class:`~jaxsparse.groups.Groups` prunes whole units (kernel
+        columns with their biases, normalization entries and the next
+        layer's rows), and ``include`` then selects unit sets by name.
       distribution: how the sparsity is spread over leaves.
       include: which leaves are pruned.
       reduce: group reduction for structured granularities.
