@@ -461,9 +461,18 @@ class AxisWalk:
         return out
 
 
+_CALLS = frozenset(
+    ("jit", "pjit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call")
+    + ("custom_vjp_call_jaxpr", "remat", "checkpoint")
+)
+
+
 def _call_jaxpr(eqn: Any) -> Any:
-    """The jaxpr a call-like equation (jit, custom_jvp, checkpoint) runs with
-    its own inputs and outputs, or ``None``."""
+    """The jaxpr a call-like equation (jit, custom_jvp, checkpoint) runs once
+    on its own inputs and outputs, or ``None``. Loops (scan, while) are not
+    calls: their body runs many times."""
+    if eqn.primitive.name not in _CALLS:
+        return None
     found = []
     for value in eqn.params.values():
         if isinstance(value, (jex.core.ClosedJaxpr, jex.core.Jaxpr)):
@@ -478,3 +487,46 @@ def _call_jaxpr(eqn: Any) -> Any:
     ] or [_shape(v) for v in inner.outvars] != [_shape(v) for v in eqn.outvars]:
         return None
     return sub
+
+
+def shrunk_mismatch(
+    walk: AxisWalk, original: Any, shrunk: Any, root: int
+) -> str | None:
+    """Where the jaxpr of the model with atom ``root`` one smaller departs
+    from the original with that atom shrunk (an operation that differs, a
+    shape that does not follow the atom, as a reshape to fixed sizes), or
+    ``None`` when they agree everywhere."""
+    atoms = walk.atoms
+
+    def expected(var: Any) -> tuple[int, ...]:
+        shape = []
+        for axis in walk.dims(var):
+            sizes = [atoms.size[a] - (a == root) for a in atoms.resolve(axis)]
+            shape.append(math.prod(sizes))
+        return tuple(shape)
+
+    def compare(a: Any, b: Any) -> str | None:
+        if len(a.eqns) != len(b.eqns):
+            return "runs other operations"
+        for x, y in zip(a.eqns, b.eqns):
+            name = x.primitive.name
+            if name != y.primitive.name:
+                return f"runs {y.primitive.name} where it ran {name}"
+            for var, got in zip(x.outvars, y.outvars):
+                if _shape(got) != expected(var):
+                    return (
+                        f"computes {name} with shape {_shape(got)} where "
+                        f"{expected(var)} was expected"
+                    )
+            inner_x, inner_y = _call_jaxpr(x), _call_jaxpr(y)
+            if inner_x is not None and inner_y is not None:
+                problem = compare(_open(inner_x), _open(inner_y))
+                if problem:
+                    return problem
+        return None
+
+    return compare(_open(original), _open(shrunk))
+
+
+def _open(jaxpr: Any) -> Any:
+    return jaxpr.jaxpr if isinstance(jaxpr, jex.core.ClosedJaxpr) else jaxpr

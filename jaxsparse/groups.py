@@ -31,15 +31,18 @@ import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import flax
 import jax
+import jax.extend.core as jex
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax import tree_util
 
 from jaxsparse import _tree
-from jaxsparse._axis_trace import UNSUPPORTED, AxisWalk
+from jaxsparse._axis_trace import UNSUPPORTED, AxisWalk, shrunk_mismatch
 from jaxsparse._types import Mask, Params, Scores
+from jaxsparse.masks import apply_mask
 from jaxsparse.structure import Reduce, reduce_scores
 
 UnitMask = dict[str, jax.Array]
@@ -171,14 +174,16 @@ class Groups:
         every unit set are ``None``.
 
         Args:
-          units: ``{set name: (size,) bool}``, or ``None`` to keep every unit.
+          units: ``{set name: (size,) bool or None}`` (``None`` keeps the
+            whole set), or ``None`` to keep every unit.
           like: the params (or scores) the mask mirrors.
         """
         self._check_units(units)
         leaves = self._leaves(like, "params")
         masks: dict[str, jax.Array] = {}
         for s in self.sets:
-            keep = None if units is None else jnp.asarray(units[s.name])
+            chosen = None if units is None else units[s.name]
+            keep = None if chosen is None else jnp.asarray(chosen)
             for m in s.members:
                 if m.state:
                     continue
@@ -235,7 +240,7 @@ class Groups:
                 f"{sorted(set(units) - names)[:3]}"
             )
         for s in self.sets:
-            if np.shape(units[s.name]) != (s.size,):
+            if units[s.name] is not None and np.shape(units[s.name]) != (s.size,):
                 raise ValueError(
                     f"{s.name}: unit mask shape {np.shape(units[s.name])} does not "
                     f"match the set's {s.size} units"
@@ -347,28 +352,36 @@ def trace(
     for x in arg_leaves:
         in_dims.append(walk.fresh(np.shape(x), "model input"))
         in_act.append(True)
+    used = {
+        v for e in closed.jaxpr.eqns for v in e.invars if not isinstance(v, jex.Literal)
+    } | set(closed.jaxpr.outvars)
+    for var, dims in zip(closed.jaxpr.invars, in_dims):
+        if var not in used:
+            for axis in dims:
+                walk.atoms.pin(axis, "unused by the model")
     outs = walk.run_closed(closed, in_dims, in_act)
     for dims in outs:
         for axis in dims:
             walk.atoms.pin(axis, "model output")
-    groups = _assemble(walk, param_leaves, state_leaves, in_dims)
+    groups, roots = _assemble(walk, param_leaves, state_leaves, in_dims)
     if probe:
-        groups = _probe(groups, call, params, state, args)
+        groups = _probe(groups, roots, walk, closed, call, params, state, args)
     if groups.unsupported:
         listed = "; ".join(f"{p} axis {a} ({r})" for p, a, r in groups.unsupported[:8])
         warnings.warn(
-            f"left dense, the walk does not follow the operation: {listed}",
+            f"left dense, not understood by the trace: {listed}",
             stacklevel=2,
         )
     return groups
 
 
-def _probe(groups: Groups, call, params, state, args) -> Groups:
-    """Drops the unit sets the model refuses to run one unit smaller (a
-    shape check in Python, which the jaxpr does not show)."""
-    expected = jax.eval_shape(call, params, state, args)
-    kept, dense = [], list(groups.dense)
-    for s in groups.sets:
+def _probe(groups: Groups, roots, walk, closed, call, params, state, args) -> Groups:
+    """Leaves dense the unit sets the model does not run one unit smaller
+    with the same computation: a shape check in Python, or a reshape to
+    fixed sizes, which a jaxpr of one size cannot show."""
+    kept, unchecked = [], []
+    dense = {(path, axis): set(reasons) for path, axis, reasons in groups.dense}
+    for s, root in zip(groups.sets, roots):
         if s.size == 1:
             kept.append(s)
             continue
@@ -376,26 +389,36 @@ def _probe(groups: Groups, call, params, state, args) -> Groups:
         units[s.name][-1] = False
         shapes = _shrunk_shapes(groups, units, params, state)
         try:
-            got = jax.eval_shape(call, *shapes, args)
-            problem = (
-                None
-                if _same_shapes(got, expected)
-                else "shrinking it changes the output shape"
+            problem = shrunk_mismatch(
+                walk, closed, jax.make_jaxpr(call)(*shapes, args), root
             )
+        except flax.errors.ScopeParamShapeError:
+            # A linen module checks its params against its own width
+            # attributes: the model one unit smaller is another module.
+            unchecked.append(s.name)
+            problem = None
         except Exception as e:
             first = str(e).splitlines()[0][:160] if str(e) else ""
-            problem = f"the model refuses a smaller size ({type(e).__name__}: {first})"
+            problem = f"raises {type(e).__name__}: {first}"
         if problem is None:
             kept.append(s)
         else:
-            dense.extend((m.path, m.axis, (problem,)) for m in s.members if not m.state)
-    return dataclasses.replace(groups, sets=tuple(kept), dense=tuple(sorted(dense)))
-
-
-def _same_shapes(a: Any, b: Any) -> bool:
-    return tree_util.tree_structure(a) == tree_util.tree_structure(b) and all(
-        x.shape == y.shape
-        for x, y in zip(tree_util.tree_leaves(a), tree_util.tree_leaves(b))
+            reason = f"{UNSUPPORTED}: one unit smaller, the model {problem}"
+            for m in s.members:
+                if not m.state:
+                    dense.setdefault((m.path, m.axis), set()).add(reason)
+    if unchecked:
+        warnings.warn(
+            "a flax linen module checks its params against its width "
+            "attributes, so the unit sets could not be checked one unit "
+            f"smaller ({', '.join(unchecked[:4])}); run shrunk params with the "
+            "module built at the new widths",
+            stacklevel=3,
+        )
+    return dataclasses.replace(
+        groups,
+        sets=tuple(kept),
+        dense=tuple((p, a, tuple(sorted(r))) for (p, a), r in sorted(dense.items())),
     )
 
 
@@ -416,7 +439,10 @@ def _shrunk_shapes(groups: Groups, units, params, state) -> tuple[Any, Any]:
     return structs(params, False), None if state is None else structs(state, True)
 
 
-def _assemble(walk: AxisWalk, param_leaves, state_leaves, in_dims) -> Groups:
+def _assemble(
+    walk: AxisWalk, param_leaves, state_leaves, in_dims
+) -> tuple[Groups, list[int]]:
+    """The groups, and the atom of each unit set."""
     atoms = walk.atoms
     members: dict[int, list[Member]] = {}
     first_param: dict[int, tuple[str, int]] = {}
@@ -447,7 +473,8 @@ def _assemble(walk: AxisWalk, param_leaves, state_leaves, in_dims) -> Groups:
     ndims = {p: np.ndim(x) for p, x in param_leaves}
     order = {p: i for i, (p, _) in enumerate(param_leaves)}
     sets, used = [], {}
-    for atom in sorted(first_param, key=lambda a: _position(first_param[a], order)):
+    roots = sorted(first_param, key=lambda a: _position(first_param[a], order))
+    for atom in roots:
         params_only = [m for m in members[atom] if not m.state]
         # Name a set after the kernel whose output axis it is, where one is.
         named = min(
@@ -459,12 +486,13 @@ def _assemble(walk: AxisWalk, param_leaves, state_leaves, in_dims) -> Groups:
         if used[name]:
             name += f"#{used[name]}"
         sets.append(UnitSet(name, atoms.size[atom], tuple(members[atom])))
-    return Groups(
+    groups = Groups(
         tuple(sets),
         tuple(dense),
         tuple((p, tuple(np.shape(x))) for p, x in param_leaves),
         tuple((p, tuple(np.shape(x))) for p, x in state_leaves),
     )
+    return groups, roots
 
 
 def _rank(member: Member, ndims: dict[str, int]) -> int:
@@ -504,18 +532,19 @@ def trace_module(model: nnx.Module, *args: Any, **kwargs: Any) -> Groups:
     return trace(apply, params, *args, state=state, **kwargs)
 
 
+def _is_unit_mask(groups: Groups, mask: Any) -> bool:
+    return isinstance(mask, Mapping) and set(mask) == {s.name for s in groups.sets}
+
+
 def _concrete_units(groups: Groups, mask: Any) -> dict[str, np.ndarray]:
-    if isinstance(mask, Mapping) and set(mask) == {s.name for s in groups.sets}:
-        units = mask
-    else:
-        units = groups.unit_mask(mask)
+    units = mask if _is_unit_mask(groups, mask) else groups.unit_mask(mask)
     groups._check_units(units)
     out = {}
     for s in groups.sets:
         value = units[s.name]
         if isinstance(value, jax.core.Tracer):
             raise TypeError("shrink changes array shapes; call it outside jax.jit")
-        keep = np.asarray(value, bool)
+        keep = np.ones(s.size, bool) if value is None else np.asarray(value, bool)
         if not keep.any():
             paths = ", ".join(sorted({m.path for m in s.members}))
             raise ValueError(
@@ -624,6 +653,9 @@ def _shrink_trees(
     if state is not None:
         groups._leaves(state, "state", state=True)
     units = _concrete_units(groups, mask)
+    if not _is_unit_mask(groups, mask):
+        # Entries the element mask removes inside kept units stay, as zeros.
+        params = apply_mask(params, mask)
     small = _slice_tree(params, _kept_indices(groups, units, False))
     small_state = (
         None
