@@ -20,7 +20,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax.extend as jex
 import numpy as np
@@ -174,6 +174,25 @@ class Atoms:
         return True
 
 
+_SHAPE_ONLY = frozenset(
+    """
+    reshape broadcast_in_dim convert_element_type transpose squeeze copy copy_p
+    reduce_precision
+    """.split()  # noqa: SIM905 - as above
+)
+
+
+class Consumer(NamedTuple):
+    """A contraction of an activation with a parameter, in the top-level
+    jaxpr: the next layer reading the units on the activation's ``axes``."""
+
+    activation: Any
+    axes: tuple[int, ...]
+    kernel: int
+    """Index of the parameter leaf contracted with (through shape-only ops)."""
+    output: Any
+
+
 def _shape(var: Any) -> tuple[int, ...]:
     return tuple(int(d) for d in var.aval.shape)
 
@@ -186,6 +205,12 @@ class AxisWalk:
         self.atoms = Atoms()
         self._dims: dict[Any, Dims] = {}
         self._activation: dict[Any, bool] = {}
+        self._depth = 0
+        self.source: dict[Any, int] = {}
+        """Top-level values that are one input leaf through shape-only ops."""
+        self.consumers: list[Consumer] = []
+        self.bias: dict[Any, int] = {}
+        """Consumer output -> the input leaf added to it right after."""
 
     # -- values ---------------------------------------------------------------
 
@@ -250,6 +275,33 @@ class AxisWalk:
             outs = [self.fresh(shape, reason) for shape in out_shapes]
         for var, dims in zip(eqn.outvars, outs):
             self._set(var, dims, act)
+        if self._depth == 0:
+            self._note(eqn, name)
+
+    def _note(self, eqn: Any, name: str) -> None:
+        """Records leaf sources, consumers and their biases (top level)."""
+        ins = [None if isinstance(v, jex.core.Literal) else v for v in eqn.invars]
+        src = [self.source.get(v) if v is not None else None for v in ins]
+        if name in _SHAPE_ONLY and src[0] is not None:
+            self.source[eqn.outvars[0]] = src[0]
+        elif name in ("dot_general", "conv_general_dilated"):
+            if name == "dot_general":
+                (lc, rc), _ = eqn.params["dimension_numbers"]
+            else:
+                spec = eqn.params["dimension_numbers"]
+                lc, rc = (spec[0][1],), (spec[1][1],)
+            for a, k, axes in ((0, 1, lc), (1, 0, rc)):
+                if self.is_activation(eqn.invars[a]) and src[k] is not None:
+                    self.consumers.append(
+                        Consumer(
+                            ins[a], tuple(int(x) for x in axes), src[k], eqn.outvars[0]
+                        )
+                    )
+        elif name in ("add", "add_any"):
+            outputs = {c.output for c in self.consumers}
+            for a, k in ((0, 1), (1, 0)):
+                if ins[a] in outputs and src[k] is not None:
+                    self.bias[ins[a]] = src[k]
 
     def _rule(self, eqn, name, ins, out_shapes) -> list[Dims] | None:
         params = eqn.params
@@ -327,9 +379,13 @@ class AxisWalk:
         sub = _call_jaxpr(eqn)
         if sub is not None:
             acts = [self.is_activation(v) for v in eqn.invars]
-            if isinstance(sub, jex.core.ClosedJaxpr):
-                return self.run_closed(sub, ins, acts)
-            return self.run(sub, ins, acts)
+            self._depth += 1
+            try:
+                if isinstance(sub, jex.core.ClosedJaxpr):
+                    return self.run_closed(sub, ins, acts)
+                return self.run(sub, ins, acts)
+            finally:
+                self._depth -= 1
         return None
 
     def _elementwise(self, ins, in_shapes, out_shape) -> Dims | None:
@@ -462,8 +518,10 @@ class AxisWalk:
 
 
 _CALLS = frozenset(
-    ("jit", "pjit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call")
-    + ("custom_vjp_call_jaxpr", "remat", "checkpoint")
+    """
+    jit pjit closed_call core_call custom_jvp_call custom_vjp_call
+    custom_vjp_call_jaxpr remat checkpoint
+    """.split()  # noqa: SIM905 - as above
 )
 
 

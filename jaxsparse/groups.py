@@ -29,7 +29,7 @@ import dataclasses
 import math
 import warnings
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax
 import jax
@@ -335,18 +335,50 @@ def trace(
     References:
       Hoefler et al. 2021, §3.1; Fang et al. 2023 (DepGraph).
     """
-    has_state = state is not None
+    call = model_call(fn, state is not None, kwargs)
+    walked = walk_model(call, params, state, args)
+    groups, roots = walked.groups, walked.roots
+    if probe:
+        groups = _probe(groups, roots, walked, call, params, state, args)
+    if groups.unsupported:
+        listed = "; ".join(f"{p} axis {a} ({r})" for p, a, r in groups.unsupported[:8])
+        warnings.warn(
+            f"left dense, not understood by the trace: {listed}",
+            stacklevel=2,
+        )
+    return groups
+
+
+def model_call(fn: Callable[..., Any], has_state: bool, kwargs: dict) -> Callable:
+    """``fn`` as ``call(params, state, args)``, the form every walk traces."""
 
     def call(p, s, a):
         return fn(p, s, *a, **kwargs) if has_state else fn(p, *a, **kwargs)
 
+    return call
+
+
+class Walked(NamedTuple):
+    """A model's jaxpr walked: the groups, each set's atom, and the walk."""
+
+    closed: Any
+    walk: AxisWalk
+    groups: Groups
+    roots: list[int]
+    leaves: list[tuple[str, Any]]
+    """The params' then the state's ``(path, leaf)``, as the jaxpr's inputs."""
+
+
+def walk_model(call: Callable, params: Params, state: Any, args: tuple) -> Walked:
+    """Traces ``call(params, state, args)`` and walks its jaxpr."""
     closed = jax.make_jaxpr(call)(params, state, args)
     param_leaves = _flat(params)
-    state_leaves = _flat(state) if has_state else []
+    state_leaves = _flat(state) if state is not None else []
     arg_leaves = tree_util.tree_leaves(args)
     walk = AxisWalk()
     in_dims, in_act = [], []
-    for _, x in param_leaves + state_leaves:
+    for var, (_, x) in zip(closed.jaxpr.invars, param_leaves + state_leaves):
+        walk.source[var] = len(in_dims)
         in_dims.append(walk.fresh(np.shape(x), None))
         in_act.append(False)
     for x in arg_leaves:
@@ -364,18 +396,10 @@ def trace(
         for axis in dims:
             walk.atoms.pin(axis, "model output")
     groups, roots = _assemble(walk, param_leaves, state_leaves, in_dims)
-    if probe:
-        groups = _probe(groups, roots, walk, closed, call, params, state, args)
-    if groups.unsupported:
-        listed = "; ".join(f"{p} axis {a} ({r})" for p, a, r in groups.unsupported[:8])
-        warnings.warn(
-            f"left dense, not understood by the trace: {listed}",
-            stacklevel=2,
-        )
-    return groups
+    return Walked(closed, walk, groups, roots, param_leaves + state_leaves)
 
 
-def _probe(groups: Groups, roots, walk, closed, call, params, state, args) -> Groups:
+def _probe(groups: Groups, roots, walked: Walked, call, params, state, args) -> Groups:
     """Leaves dense the unit sets the model does not run one unit smaller
     with the same computation: a shape check in Python, or a reshape to
     fixed sizes, which a jaxpr of one size cannot show."""
@@ -390,7 +414,7 @@ def _probe(groups: Groups, roots, walk, closed, call, params, state, args) -> Gr
         shapes = _shrunk_shapes(groups, units, params, state)
         try:
             problem = shrunk_mismatch(
-                walk, closed, jax.make_jaxpr(call)(*shapes, args), root
+                walked.walk, walked.closed, jax.make_jaxpr(call)(*shapes, args), root
             )
         except flax.errors.ScopeParamShapeError:
             # A linen module checks its params against its own width
