@@ -1,0 +1,410 @@
+"""Data-driven criteria for units: what the next layer reads from each one.
+
+A :class:`UnitView` runs a model with its units exposed: it records the
+activation each unit set hands to the layer that reads it (the first
+contraction with a parameter along the unit axis) and can scale or shift
+that activation, which is how gates, sensitivities and Taylor scores are
+taken without editing the model. Every criterion returns unit scores
+``{set name: (size,) array}``, higher meaning keep, that
+:func:`select_units` turns into a unit mask for
+:meth:`~jaxsparse.groups.Groups.element_mask` and
+:func:`~jaxsparse.groups.shrink`.
+
+The activation's axis 0 is taken as the batch axis (per-example criteria).
+
+References:
+  Hoefler et al. 2021, §3.2 (similarity merging), §3.3 (data-driven
+  criteria: activation statistics, variance, correlation, sensitivity) and
+  §3.4 (gates, Taylor, Jacobian QR).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple
+
+import jax
+import jax.extend.core as jex
+import jax.numpy as jnp
+from flax import nnx
+from jax import tree_util
+
+from jaxsparse._types import Params, Sparsity
+from jaxsparse.distribution import Distribution, Uniform
+from jaxsparse.groups import Groups, model_call, trace, units_include, walk_model
+
+UnitScores = dict[str, jax.Array]
+"""One score per unit, ``{set name: (size,) array}``; higher means keep."""
+
+
+class _Tap(NamedTuple):
+    var: Any
+    axis: int
+    stride: int
+    readers: int
+    kernel: int
+    kernel_axes: tuple[int, ...]
+    bias: int | None
+
+
+def _taps(walked, names: Iterable[str]) -> dict[str, _Tap]:
+    """Where the first reader of each unit set takes its activation."""
+    walk, atoms = walked.walk, walked.walk.atoms
+    by_name = {s.name: r for s, r in zip(walked.groups.sets, walked.roots)}
+    out = {}
+    for name in names:
+        root = by_name[name]
+        found = []
+        for c in walk.consumers:
+            dims = walk.dims(c.activation)
+            for axis in c.axes:
+                resolved = atoms.resolve(dims[axis])
+                if root in resolved:
+                    j = resolved.index(root)
+                    stride = math.prod(atoms.size[a] for a in resolved[j + 1 :])
+                    found.append((c, axis, stride))
+        if not found:
+            raise ValueError(f"{name}: no layer reads these units")
+        c, axis, stride = found[0]
+        out[name] = _Tap(
+            c.activation,
+            axis,
+            stride,
+            len({f[0].output for f in found}),
+            c.kernel,
+            c.axes,
+            walk.bias.get(c.output),
+        )
+    return out
+
+
+def _along(
+    values: jax.Array, shape, axis: int, size: int, stride: int, per_example: bool
+) -> jax.Array:
+    """``values`` (``(size,)``, or ``(batch, size)``) broadcast over an
+    activation of ``shape`` whose ``axis`` holds the units."""
+    split = (
+        *shape[:axis],
+        shape[axis] // (size * stride),
+        size,
+        stride,
+        *shape[axis + 1 :],
+    )
+    target = [1] * len(split)
+    target[axis + 1] = size
+    if per_example:
+        target[0] = shape[0]
+    return jnp.broadcast_to(values.reshape(target), split).reshape(shape)
+
+
+def _unit_samples(x: jax.Array, axis: int, size: int, stride: int) -> jax.Array:
+    """An activation as ``(samples, size)``: every position but the unit's."""
+    split = x.reshape(
+        (
+            *x.shape[:axis],
+            x.shape[axis] // (size * stride),
+            size,
+            stride,
+            *x.shape[axis + 1 :],
+        )
+    )
+    return jnp.moveaxis(split, axis + 1, -1).reshape(-1, size)
+
+
+def _per_example(x: jax.Array, axis: int, size: int, stride: int) -> jax.Array:
+    """An activation as ``(batch, positions, size)``."""
+    split = x.reshape(
+        (
+            *x.shape[:axis],
+            x.shape[axis] // (size * stride),
+            size,
+            stride,
+            *x.shape[axis + 1 :],
+        )
+    )
+    return jnp.moveaxis(split, axis + 1, -1).reshape(x.shape[0], -1, size)
+
+
+def _evaluate(closed, flat, hooks: dict, record) -> tuple[list, dict]:
+    env: dict[Any, Any] = {}
+
+    def read(v):
+        return v.val if isinstance(v, jex.Literal) else env[v]
+
+    for v, c in zip(closed.jaxpr.constvars, closed.consts):
+        env[v] = c
+    for v, x in zip(closed.jaxpr.invars, flat):
+        env[v] = x
+    recorded = {}
+    for eqn in closed.jaxpr.eqns:
+        params = eqn.primitive.get_bind_params(eqn.params)
+        with eqn.ctx.manager:
+            ans = eqn.primitive.bind(*map(read, eqn.invars), **params)
+        outs = ans if eqn.primitive.multiple_results else [ans]
+        for v, value in zip(eqn.outvars, outs):
+            if v in record:
+                recorded[v] = value
+            if v in hooks:
+                value = hooks[v](value)
+            env[v] = value
+    return [read(v) for v in closed.jaxpr.outvars], recorded
+
+
+class UnitView:
+    """A model run with its units exposed (see the module docstring).
+
+    Build it with :func:`view` (a function of params) or
+    :func:`view_module` (a flax nnx module).
+
+    Attributes:
+      groups: the model's units.
+    """
+
+    def __init__(
+        self, call: Callable, params: Params, state: Any, args: tuple, groups: Groups
+    ):
+        self.groups = groups
+        self._call = call
+        self._has_state = state is not None
+        walked = walk_model(call, params, state, args)
+        taps = _taps(walked, [s.name for s in groups.sets])
+        paths = [p for p, _ in walked.leaves]
+        n_params = len(tree_util.tree_leaves(params))
+        self.readers = {}
+        """``{set name: (kernel path, bias path or None, number of readers)}``
+        of the first layer that reads each set."""
+        for name, tap in taps.items():
+            if tap.kernel >= n_params:
+                raise ValueError(f"{name}: read by a state leaf, not a parameter")
+            bias = None if tap.bias is None or tap.bias >= n_params else paths[tap.bias]
+            self.readers[name] = (paths[tap.kernel], bias, tap.readers)
+
+    def run(
+        self,
+        params: Params,
+        *args: Any,
+        state: Any = None,
+        scale: dict[str, jax.Array] | None = None,
+        shift: dict[str, jax.Array] | None = None,
+    ) -> tuple[Any, dict[str, jax.Array]]:
+        """Runs the model, optionally scaling or shifting what the first
+        reader of a set sees (``(size,)`` for all examples, ``(batch,
+        size)`` per example).
+
+        Returns:
+          ``(outputs, activations)``: the activations as
+          ``{set name: (batch, positions, size)}`` (before any scale or
+          shift). Jittable; differentiable in ``scale`` and ``shift``.
+        """
+        if self._has_state and state is None:
+            raise ValueError("this model reads state: pass run(..., state=...)")
+        walked = walk_model(self._call, params, state, args)
+        taps = _taps(walked, [s.name for s in self.groups.sets])
+        sizes = {s.name: s.size for s in self.groups.sets}
+        hooks: dict[Any, Callable] = {}
+        for kind, values in (("scale", scale), ("shift", shift)):
+            for name, v in (values or {}).items():
+                tap = taps[name]
+                v = jnp.asarray(v)
+
+                def hook(
+                    x,
+                    v=v,
+                    tap=tap,
+                    kind=kind,
+                    size=sizes[name],
+                    before=hooks.get(tap.var),
+                ):
+                    if before is not None:
+                        x = before(x)
+                    wide = _along(
+                        v.astype(x.dtype),
+                        x.shape,
+                        tap.axis,
+                        size,
+                        tap.stride,
+                        v.ndim == 2,
+                    )
+                    return x * wide if kind == "scale" else x + wide
+
+                hooks[tap.var] = hook
+        flat = tree_util.tree_leaves((params, state, args))
+        out_tree = tree_util.tree_structure(
+            jax.eval_shape(self._call, params, state, args)
+        )
+        outs, recorded = _evaluate(
+            walked.closed, flat, hooks, {t.var for t in taps.values()}
+        )
+        acts = {
+            name: _per_example(recorded[t.var], t.axis, sizes[name], t.stride)
+            for name, t in taps.items()
+        }
+        return tree_util.tree_unflatten(out_tree, outs), acts
+
+
+def view(
+    fn: Callable[..., Any], params: Params, *args: Any, state: Any = None, **kwargs: Any
+) -> UnitView:
+    """A :class:`UnitView` of ``fn(params, *args, **kwargs)`` (with
+    ``state``: ``fn(params, state, *args, **kwargs)``), units as
+    :func:`~jaxsparse.groups.trace` finds them.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxsparse as js
+      >>> p = {"w1": jnp.ones((3, 4)), "w2": jnp.ones((4, 2))}
+      >>> v = js.neurons.view(lambda p, x: jax.nn.relu(x @ p["w1"]) @ p["w2"], p,
+      ...                     jnp.ones((5, 3)))
+      >>> out, acts = v.run(p, jnp.ones((5, 3)))
+      >>> acts["w1:1"].shape
+      (5, 1, 4)
+    """
+    groups = trace(fn, params, *args, state=state, **kwargs)
+    call = model_call(fn, state is not None, kwargs)
+    return UnitView(call, params, state, args, groups)
+
+
+def view_module(
+    model: nnx.Module, *args: Any, **kwargs: Any
+) -> tuple[UnitView, Params, Any]:
+    """A :class:`UnitView` of a flax nnx module, with its params and state
+    (``run(params, *args, state=state)``)."""
+    graphdef, params, state = nnx.split(model, nnx.Param, ...)
+
+    def apply(p, s, *a, **k):
+        return nnx.merge(graphdef, p, s)(*a, **k)
+
+    return view(apply, params, *args, state=state, **kwargs), params, state
+
+
+# -- activation statistics ---------------------------------------------------
+
+
+class ActivationStats(NamedTuple):
+    """Streaming statistics of one unit set's activations (Chan et al.'s
+    pairwise merge, so batches of any size combine exactly).
+
+    Attributes:
+      count: samples seen (examples times positions).
+      mean: ``(size,)`` mean activation.
+      comoment: ``(size, size)`` sum of centred outer products (its
+        diagonal only, ``(size,)``, without correlation).
+      zeros: ``(size,)`` count of activations exactly zero.
+    """
+
+    count: jax.Array
+    mean: jax.Array
+    comoment: jax.Array
+    zeros: jax.Array
+
+    @property
+    def variance(self) -> jax.Array:
+        """Population variance per unit."""
+        diag = self.comoment if self.comoment.ndim == 1 else jnp.diagonal(self.comoment)
+        return diag / jnp.maximum(self.count, 1.0)
+
+    @property
+    def apoz(self) -> jax.Array:
+        """Average percentage of zeros per unit (Hu et al. 2016), in [0, 1]."""
+        return self.zeros / jnp.maximum(self.count, 1.0)
+
+    @property
+    def correlation(self) -> jax.Array:
+        """``(size, size)`` Pearson correlation (0 where a unit is constant)."""
+        if self.comoment.ndim == 1:
+            raise ValueError("these statistics were gathered without correlation")
+        sd = jnp.sqrt(jnp.diagonal(self.comoment))
+        den = sd[:, None] * sd[None, :]
+        return jnp.where(den > 0, self.comoment / jnp.where(den > 0, den, 1.0), 0.0)
+
+
+def stats_init(
+    groups: Groups, *, correlation: bool = True, dtype: Any = jnp.float32
+) -> dict[str, ActivationStats]:
+    """Empty statistics for every unit set."""
+    return {
+        s.name: ActivationStats(
+            jnp.zeros((), dtype),
+            jnp.zeros((s.size,), dtype),
+            jnp.zeros((s.size, s.size) if correlation else (s.size,), dtype),
+            jnp.zeros((s.size,), dtype),
+        )
+        for s in groups.sets
+    }
+
+
+def stats_update(
+    stats: dict[str, ActivationStats], activations: dict[str, jax.Array]
+) -> dict[str, ActivationStats]:
+    """Merges one batch of activations (``{name: (..., size)}``) into the
+    statistics; jittable, O(size²) memory whatever the data size.
+
+    References:
+      Chan, Golub & LeVeque 1979 (pairwise merge of means and comoments).
+    """
+    out = {}
+    for name, s in stats.items():
+        x = activations[name]
+        x = x.reshape(-1, x.shape[-1]).astype(s.mean.dtype)
+        n_b = jnp.asarray(x.shape[0], s.mean.dtype)
+        mean_b = jnp.mean(x, axis=0)
+        centred = x - mean_b[None]
+        n = s.count + n_b
+        delta = mean_b - s.mean
+        if s.comoment.ndim == 2:
+            c_b = centred.T @ centred
+            extra = jnp.outer(delta, delta) * (s.count * n_b / n)
+        else:
+            c_b = jnp.sum(centred * centred, axis=0)
+            extra = delta * delta * (s.count * n_b / n)
+        out[name] = ActivationStats(
+            n,
+            s.mean + delta * (n_b / n),
+            s.comoment + c_b + extra,
+            s.zeros + jnp.sum(x == 0, axis=0).astype(s.mean.dtype),
+        )
+    return out
+
+
+def activation_stats(
+    unit_view: UnitView,
+    params: Params,
+    batches: Iterable[Any],
+    *,
+    state: Any = None,
+    correlation: bool = True,
+) -> dict[str, ActivationStats]:
+    """Streams a dataset through the model under one ``jit`` and gathers
+    each unit set's mean, variance, zeros and (with ``correlation``) the
+    pairwise comoments, holding one batch of activations at a time.
+
+    Args:
+      unit_view: the model.
+      params: its params.
+      batches: model inputs, one batch at a time (a tuple of positional
+        arguments, or a single array).
+      state: the model's state, if it has one.
+      correlation: gather the ``(size, size)`` comoments.
+
+    Returns:
+      ``{set name: ActivationStats}``.
+    """
+    stats = stats_init(unit_view.groups, correlation=correlation)
+
+    @jax.jit
+    def step(stats, batch):
+        _, acts = unit_view.run(params, *batch, state=state)
+        return stats_update(stats, acts)
+
+    for batch in batches:
+        stats = step(stats, batch if isinstance(batch, tuple) else (batch,))
+    return stats
+
+
+def select_units(
+    scores: UnitScores, sparsity: Sparsity, *, distribution: Distribution = Uniform()
+) -> dict[str, jax.Array]:
+    """The unit mask keeping the highest scores of each set (or over all
+    sets, with :class:`~jaxsparse.Global`), as the selection of masks does
+    for element scores."""
+    return distribution.mask(scores, sparsity, include=units_include(None))
