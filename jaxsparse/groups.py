@@ -544,7 +544,7 @@ def trace_module(model: nnx.Module, *args: Any, **kwargs: Any) -> Groups:
       ...                        nnx.Linear(8, 2, rngs=nnx.Rngs(1)))
       >>> groups = js.groups.trace_module(model, jnp.ones((1, 4)))
       >>> [(s.name, s.size) for s in groups.sets]
-      [('layers/0/bias/value:0', 8)]
+      [('layers/0/kernel/value:1', 8)]
     """
     graphdef, params, state = nnx.split(model, nnx.Param, ...)
 

@@ -27,9 +27,11 @@ from typing import Any, NamedTuple
 import jax
 import jax.extend.core as jex
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax import tree_util
 
+from jaxsparse import _tree
 from jaxsparse._types import Params, Sparsity
 from jaxsparse.distribution import Distribution, Uniform
 from jaxsparse.groups import Groups, model_call, trace, units_include, walk_model
@@ -408,3 +410,315 @@ def select_units(
     sets, with :class:`~jaxsparse.Global`), as the selection of masks does
     for element scores."""
     return distribution.mask(scores, sparsity, include=units_include(None))
+
+
+# -- rewiring the reader: folding and merging --------------------------------
+
+
+def _leaf_map(tree: Any) -> dict[str, Any]:
+    return {_tree.path_str(p): x for p, x in _tree.leaves_with_path(tree)}
+
+
+def _replace(tree: Any, new: dict[str, Any]) -> Any:
+    return tree_util.tree_map_with_path(
+        lambda p, x: new.get(_tree.path_str(p), x), tree, is_leaf=_tree.is_none
+    )
+
+
+def _reader(unit_view: UnitView, name: str, need_bias: bool):
+    """The kernel (path, unit axis) and bias path of a set's only reader."""
+    kernel, bias, readers = unit_view.readers[name]
+    if readers != 1:
+        raise ValueError(
+            f"{name}: read by {readers} layers (a residual stream); folding and "
+            "merging need the units to have one reader"
+        )
+    if need_bias and bias is None:
+        raise ValueError(
+            f"{name}: the layer that reads these units ({kernel}) has no bias "
+            "to fold into"
+        )
+    unit_set = next(s for s in unit_view.groups.sets if s.name == name)
+    member = next(m for m in unit_set.members if m.path == kernel and not m.state)
+    if member.stride != 1:
+        raise ValueError(f"{name}: units spread over several positions of {kernel}")
+    return kernel, member.axis, bias
+
+
+def _fold_into_bias(
+    shift: jax.Array, kernel: jax.Array, axis: int, bias: jax.Array
+) -> jax.Array:
+    """``bias`` plus what a constant input ``shift`` (one value per unit)
+    adds to the reader's output."""
+    moved = jnp.tensordot(shift.astype(kernel.dtype), kernel, axes=([0], [axis]))
+    lead = moved.ndim - bias.ndim
+    if moved.shape[lead:] != bias.shape:
+        raise ValueError(
+            f"the reader's output {moved.shape} does not end with its bias "
+            f"shape {bias.shape}"
+        )
+    return bias + moved.reshape((-1, *bias.shape)).sum(0).astype(bias.dtype)
+
+
+def _rewire(unit_view, params, name, keep, mix, shift, need_bias):
+    """The reader sees ``h_kept @ mix + shift`` in place of ``h``:
+    ``kernel <- mix @ kernel`` on the kept units, ``bias += fold(shift)``,
+    removed units masked."""
+    kernel_path, axis, bias_path = _reader(unit_view, name, need_bias)
+    leaves = _leaf_map(params)
+    kernel = leaves[kernel_path]
+    moved = jnp.moveaxis(kernel, axis, 0)
+    rewired = jnp.tensordot(mix.astype(kernel.dtype), moved, axes=([1], [0]))
+    new = {kernel_path: jnp.moveaxis(rewired, 0, axis).astype(kernel.dtype)}
+    if bias_path is not None:
+        new[bias_path] = _fold_into_bias(shift, kernel, axis, leaves[bias_path])
+    del keep
+    return new
+
+
+def _finish(unit_view, params, new, units):
+    from jaxsparse.masks import apply_mask
+
+    full = {
+        s.name: units.get(s.name, jnp.ones(s.size, bool)) for s in unit_view.groups.sets
+    }
+    params = _replace(params, new)
+    return apply_mask(params, unit_view.groups.element_mask(full, params)), full
+
+
+def fold_constant_units(
+    unit_view: UnitView,
+    params: Params,
+    stats: dict[str, ActivationStats],
+    keep: dict[str, jax.Array],
+) -> tuple[Params, dict[str, jax.Array]]:
+    """Removes units and folds their mean output into the reader's bias.
+
+    A unit whose output barely varies contributes ``mean_u * K[u]`` to the
+    next layer's pre-activation; ``b' = b + sum_u mean_u K[u]`` keeps that
+    contribution, exactly when the unit is constant (and the reader is a
+    dense layer or an unpadded convolution).
+
+    Args:
+      unit_view: the model.
+      params: its params.
+      stats: the activation statistics (their ``mean``).
+      keep: ``{set name: (size,) bool}`` for the sets to prune (others are
+        kept whole); select it from ``-stats[name].variance`` to remove the
+        most nearly constant units.
+
+    Returns:
+      ``(params, unit mask)``: the params with biases updated and the
+      removed units masked, and the full unit mask for
+      :func:`~jaxsparse.groups.shrink`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxsparse as js
+      >>> p = {"w1": jnp.array([[1.0, 0.0]]), "b1": jnp.array([0.0, 2.0]),
+      ...      "w2": jnp.array([[1.0], [3.0]]), "b2": jnp.zeros(1)}
+      >>> def f(p, x):
+      ...     h = jax.nn.relu(x @ p["w1"] + p["b1"][None])
+      ...     return h @ p["w2"] + p["b2"][None]
+      >>> x = jnp.array([[1.0], [2.0]])
+      >>> v = js.neurons.view(f, p, x)
+      >>> stats = js.neurons.activation_stats(v, p, [x])
+      >>> keep = {"w1:1": jnp.array([True, False])}
+      >>> new, units = js.neurons.fold_constant_units(v, p, stats, keep)
+      >>> new["b2"], f(new, x).ravel()
+      (Array([6.], dtype=float32), Array([7., 8.], dtype=float32))
+
+    References:
+      Hoefler et al. 2021, §3.3 (neurons whose output barely varies, their
+      mean folded into the next layer's bias).
+    """
+    new = {}
+    for name, kept in keep.items():
+        kept = jnp.asarray(kept)
+        mix = jnp.diag(kept.astype(stats[name].mean.dtype))
+        shift = jnp.where(kept, 0.0, stats[name].mean)
+        new.update(_rewire(unit_view, params, name, kept, mix, shift, True))
+    return _finish(unit_view, params, new, {k: jnp.asarray(v) for k, v in keep.items()})
+
+
+def _incoming(
+    unit_view: UnitView, params: Params, name: str, state: Any = None
+) -> np.ndarray:
+    """``(size, d)``: each unit's incoming parameters (and state), all of its
+    slices except the reader's kernel rows, side by side."""
+    kernel_path, _, _ = _reader(unit_view, name, False)
+    unit_set = next(s for s in unit_view.groups.sets if s.name == name)
+    leaves = _leaf_map(params)
+    state_leaves = _leaf_map(state) if state is not None else {}
+    parts = []
+    for m in unit_set.members:
+        if m.path == kernel_path and not m.state:
+            continue
+        source = state_leaves if m.state else leaves
+        if m.path not in source:
+            continue
+        x = np.asarray(source[m.path], np.float64)
+        split = x.reshape(
+            (
+                *x.shape[: m.axis],
+                x.shape[m.axis] // (unit_set.size * m.stride),
+                unit_set.size,
+                m.stride,
+                *x.shape[m.axis + 1 :],
+            )
+        )
+        parts.append(np.moveaxis(split, m.axis + 1, 0).reshape(unit_set.size, -1))
+    return np.concatenate(parts, axis=1)
+
+
+def similarity_saliency(
+    unit_view: UnitView, params: Params, name: str, *, state: Any = None
+) -> np.ndarray:
+    """Srinivas & Babu's cost of merging unit ``j`` into unit ``i``:
+    ``s[i, j] = ||a_j||^2 ||W_i - W_j||^2`` with ``W`` the incoming weights
+    (every slice of the unit but the reader's) and ``a_j`` the outgoing
+    weights; ``inf`` on the diagonal.
+
+    References:
+      Srinivas & Babu 2015, "Data-free parameter pruning for deep neural
+      networks", §3 (Eq. 4); Hoefler et al. 2021, §3.2.
+    """
+    kernel_path, axis, _ = _reader(unit_view, name, False)
+    w = _incoming(unit_view, params, name, state)
+    kernel = np.moveaxis(
+        np.asarray(_leaf_map(params)[kernel_path], np.float64), axis, 0
+    )
+    a2 = np.sum(kernel.reshape(kernel.shape[0], -1) ** 2, axis=1)
+    d2 = np.sum((w[:, None, :] - w[None, :, :]) ** 2, axis=-1)
+    s = a2[None, :] * d2
+    np.fill_diagonal(s, np.inf)
+    return s
+
+
+def similarity_merge(
+    unit_view: UnitView,
+    params: Params,
+    remove: dict[str, int],
+    *,
+    state: Any = None,
+) -> tuple[Params, dict[str, jax.Array]]:
+    """Merges units with near-identical incoming weights (Srinivas & Babu):
+    repeatedly the pair ``(i, j)`` of least :func:`similarity_saliency`
+    goes, ``j`` removed and its outgoing weights added to ``i``'s. Exact
+    when the two units' incoming weights are equal.
+
+    Args:
+      unit_view: the model.
+      params: its params.
+      remove: ``{set name: how many units to merge away}``.
+      state: the model's state (its batch statistics count as incoming).
+
+    Returns:
+      ``(params, unit mask)`` as :func:`fold_constant_units`.
+
+    References:
+      Srinivas & Babu 2015, §3; Hoefler et al. 2021, §3.2.
+    """
+    new, units = {}, {}
+    for name, count in remove.items():
+        kernel_path, axis, _ = _reader(unit_view, name, False)
+        size = next(s.size for s in unit_view.groups.sets if s.name == name)
+        if not 0 <= count < size:
+            raise ValueError(
+                f"{name}: can merge away 0 to {size - 1} units, got {count}"
+            )
+        w = _incoming(unit_view, params, name, state)
+        kernel = np.moveaxis(
+            np.asarray(_leaf_map(params)[kernel_path], np.float64), axis, 0
+        ).copy()
+        alive = np.ones(size, bool)
+        for _ in range(count):
+            a2 = np.sum(kernel.reshape(size, -1) ** 2, axis=1)
+            s = a2[None, :] * np.sum((w[:, None] - w[None, :]) ** 2, axis=-1)
+            s[~alive, :] = np.inf
+            s[:, ~alive] = np.inf
+            np.fill_diagonal(s, np.inf)
+            i, j = np.unravel_index(np.argmin(s), s.shape)
+            kernel[i] += kernel[j]
+            kernel[j] = 0.0
+            alive[j] = False
+        dtype = _leaf_map(params)[kernel_path].dtype
+        new[kernel_path] = jnp.asarray(np.moveaxis(kernel, 0, axis), dtype)
+        units[name] = jnp.asarray(alive)
+    return _finish(unit_view, params, new, units)
+
+
+def correlation_merge(
+    unit_view: UnitView,
+    params: Params,
+    stats: dict[str, ActivationStats],
+    remove: dict[str, int],
+    *,
+    ridge: float = 0.0,
+) -> tuple[Params, dict[str, jax.Array]]:
+    """Removes units that fire together and refits the reader by least
+    squares on the activations.
+
+    Repeatedly the pair of live units with the largest ``|correlation|``
+    loses its lower-variance unit. The reader then gets
+    ``K' = R K`` and ``b' = b + (mu - mu_kept R) K``, where
+    ``R = C_kk^+ C_k:`` regresses every unit on the kept ones (``C`` the
+    activation comoments): the least-squares fit of the layer's input, with
+    an intercept folded into the bias. Exact when the removed units are
+    affine functions of the kept ones.
+
+    Args:
+      unit_view: the model.
+      params: its params.
+      stats: activation statistics gathered with correlation.
+      remove: ``{set name: how many units to remove}``.
+      ridge: added to ``C_kk``'s diagonal, relative to its mean.
+
+    Returns:
+      ``(params, unit mask)`` as :func:`fold_constant_units`.
+
+    References:
+      Hoefler et al. 2021, §3.3 (neurons that always activate together are
+      merged); Srinivas & Babu 2015 (merging with the outgoing weights).
+    """
+    new, units = {}, {}
+    for name, count in remove.items():
+        s = stats[name]
+        size = s.mean.shape[0]
+        if not 0 <= count < size:
+            raise ValueError(f"{name}: can remove 0 to {size - 1} units, got {count}")
+        corr = np.abs(np.asarray(s.correlation, np.float64))
+        var = np.asarray(s.variance, np.float64)
+        alive = np.ones(size, bool)
+        for _ in range(count):
+            c = corr.copy()
+            c[~alive, :] = -1.0
+            c[:, ~alive] = -1.0
+            np.fill_diagonal(c, -1.0)
+            i, j = np.unravel_index(np.argmax(c), c.shape)
+            alive[j if var[j] <= var[i] else i] = False
+        comoment = np.asarray(s.comoment, np.float64)
+        mean = np.asarray(s.mean, np.float64)
+        ckk = comoment[np.ix_(alive, alive)]
+        ckk = ckk + ridge * np.trace(ckk) / max(1, ckk.shape[0]) * np.eye(ckk.shape[0])
+        regress = np.linalg.lstsq(ckk, comoment[alive], rcond=None)[0]
+        mix = np.zeros((size, size))
+        mix[alive] = regress
+        shift = mean - mean[alive] @ regress
+        _, _, bias = _reader(unit_view, name, False)
+        if bias is None:
+            raise ValueError(
+                f"{name}: the reader has no bias for the refit's intercept"
+            )
+        new.update(
+            _rewire(
+                unit_view,
+                params,
+                name,
+                None,
+                jnp.asarray(mix.T),
+                jnp.asarray(shift),
+                True,
+            )
+        )
+        units[name] = jnp.asarray(alive)
+    return _finish(unit_view, params, new, units)
