@@ -1,6 +1,8 @@
 """jaxsparse: sparsity in neural networks with JAX, optax and flax.
 
 Public modules: :mod:`~jaxsparse.masks`, :mod:`~jaxsparse.structure`,
+:mod:`~jaxsparse.groups` (units traced from a model, shrink),
+:mod:`~jaxsparse.neurons` (data-driven unit criteria),
 :mod:`~jaxsparse.distribution`, :mod:`~jaxsparse.saliency`. The names most
 used are re-exported here.
 """
@@ -13,6 +15,7 @@ from jaxsparse import fisher as fisher
 from jaxsparse import formats as formats
 from jaxsparse import groups as groups
 from jaxsparse import masks as masks
+from jaxsparse import neurons as neurons
 from jaxsparse import obs as obs
 from jaxsparse import regularizers as regularizers
 from jaxsparse import reports as reports
@@ -110,6 +113,7 @@ __all__ = (
     "keep_masked",
     "layerwise_mask",
     "masks",
+    "neurons",
     "obs",
     "prune",
     "regularizers",

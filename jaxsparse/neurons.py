@@ -375,6 +375,7 @@ def activation_stats(
     *,
     state: Any = None,
     correlation: bool = True,
+    dtype: Any = None,
 ) -> dict[str, ActivationStats]:
     """Streams a dataset through the model under one ``jit`` and gathers
     each unit set's mean, variance, zeros and (with ``correlation``) the
@@ -387,11 +388,20 @@ def activation_stats(
         arguments, or a single array).
       state: the model's state, if it has one.
       correlation: gather the ``(size, size)`` comoments.
+      dtype: of the statistics; by default the params' floating dtype, at
+        least float32.
 
     Returns:
       ``{set name: ActivationStats}``.
     """
-    stats = stats_init(unit_view.groups, correlation=correlation)
+    if dtype is None:
+        floats = [
+            x.dtype
+            for x in tree_util.tree_leaves(params)
+            if jnp.issubdtype(x.dtype, jnp.floating)
+        ]
+        dtype = max([jnp.dtype(jnp.float32), *floats], key=lambda d: d.itemsize)
+    stats = stats_init(unit_view.groups, correlation=correlation, dtype=dtype)
 
     @jax.jit
     def step(stats, batch):
@@ -460,19 +470,17 @@ def _fold_into_bias(
     return bias + moved.reshape((-1, *bias.shape)).sum(0).astype(bias.dtype)
 
 
-def _rewire(unit_view, params, name, keep, mix, shift, need_bias):
+def _rewire(unit_view, params, name, mix, shift):
     """The reader sees ``h_kept @ mix + shift`` in place of ``h``:
     ``kernel <- mix @ kernel`` on the kept units, ``bias += fold(shift)``,
     removed units masked."""
-    kernel_path, axis, bias_path = _reader(unit_view, name, need_bias)
+    kernel_path, axis, bias_path = _reader(unit_view, name, True)
     leaves = _leaf_map(params)
     kernel = leaves[kernel_path]
     moved = jnp.moveaxis(kernel, axis, 0)
     rewired = jnp.tensordot(mix.astype(kernel.dtype), moved, axes=([1], [0]))
     new = {kernel_path: jnp.moveaxis(rewired, 0, axis).astype(kernel.dtype)}
-    if bias_path is not None:
-        new[bias_path] = _fold_into_bias(shift, kernel, axis, leaves[bias_path])
-    del keep
+    new[bias_path] = _fold_into_bias(shift, kernel, axis, leaves[bias_path])
     return new
 
 
@@ -536,7 +544,7 @@ def fold_constant_units(
         kept = jnp.asarray(kept)
         mix = jnp.diag(kept.astype(stats[name].mean.dtype))
         shift = jnp.where(kept, 0.0, stats[name].mean)
-        new.update(_rewire(unit_view, params, name, kept, mix, shift, True))
+        new.update(_rewire(unit_view, params, name, mix, shift))
     return _finish(unit_view, params, new, {k: jnp.asarray(v) for k, v in keep.items()})
 
 
@@ -704,21 +712,266 @@ def correlation_merge(
         mix = np.zeros((size, size))
         mix[alive] = regress
         shift = mean - mean[alive] @ regress
-        _, _, bias = _reader(unit_view, name, False)
-        if bias is None:
-            raise ValueError(
-                f"{name}: the reader has no bias for the refit's intercept"
-            )
         new.update(
-            _rewire(
-                unit_view,
-                params,
-                name,
-                None,
-                jnp.asarray(mix.T),
-                jnp.asarray(shift),
-                True,
-            )
+            _rewire(unit_view, params, name, jnp.asarray(mix), jnp.asarray(shift))
         )
         units[name] = jnp.asarray(alive)
     return _finish(unit_view, params, new, units)
+
+
+# -- sensitivity, Taylor, gates, Jacobian QR ---------------------------------
+
+
+def _split_batch(batch: Any) -> tuple[tuple, tuple]:
+    """``(inputs, targets)`` from a batch given as ``(x, y)`` or
+    ``((x1, x2), (y1,))``."""
+    inputs, targets = batch
+    inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+    targets = targets if isinstance(targets, tuple) else (targets,)
+    return inputs, targets
+
+
+def _sizes(unit_view: UnitView) -> dict[str, int]:
+    return {s.name: s.size for s in unit_view.groups.sets}
+
+
+def output_sensitivity(
+    unit_view: UnitView, params: Params, batches: Iterable[Any], *, state: Any = None
+) -> UnitScores:
+    """How strongly the outputs move with each unit:
+    ``S_u = sqrt(mean_n sum_k (dy_nk / da_nu)^2)``, the derivative taken
+    for a shift of the unit's activation in example ``n`` (all its
+    positions).
+
+    Args:
+      unit_view: the model.
+      params: its params.
+      batches: model inputs, one batch at a time (a tuple or one array).
+      state: the model's state, if any.
+
+    Returns:
+      Unit scores (higher: the output depends more on the unit).
+
+    References:
+      Hoefler et al. 2021, §3.3 (input-output sensitivity); Zurada, Malinowski
+      & Cloete 1994; Engelbrecht 2001.
+    """
+    sizes = _sizes(unit_view)
+
+    @jax.jit
+    def batch_sums(batch):
+        n = tree_util.tree_leaves(batch)[0].shape[0]
+        zeros = {k: jnp.zeros((n, v)) for k, v in sizes.items()}
+
+        def outputs(shift):
+            out, _ = unit_view.run(params, *batch, state=state, shift=shift)
+            return jax.tree.map(lambda y: jnp.sum(y, axis=0), out)
+
+        jac = jax.jacrev(outputs)(zeros)
+        return {
+            k: sum(
+                jnp.sum(jnp.square(j[k]), axis=tuple(range(j[k].ndim - 2)))
+                for j in tree_util.tree_leaves(
+                    jac, is_leaf=lambda x: isinstance(x, dict)
+                )
+            ).sum(0)
+            for k in sizes
+        }, n
+
+    total, count = {k: jnp.zeros(v) for k, v in sizes.items()}, 0
+    for batch in batches:
+        sums, n = batch_sums(batch if isinstance(batch, tuple) else (batch,))
+        total = {k: total[k] + sums[k] for k in sizes}
+        count += n
+    return {k: jnp.sqrt(v / count) for k, v in total.items()}
+
+
+def _loss_of(unit_view, params, state, loss, inputs, targets, **hooks):
+    out, acts = unit_view.run(params, *inputs, state=state, **hooks)
+    return jnp.sum(loss(out, *targets)), acts
+
+
+def taylor_units(
+    unit_view: UnitView,
+    params: Params,
+    batches: Iterable[Any],
+    loss: Callable[..., jax.Array],
+    *,
+    state: Any = None,
+    normalize: bool = False,
+) -> UnitScores:
+    """Molchanov et al.'s first-order Taylor criterion accumulated over a
+    dataset: ``Theta_u = mean_n |(1/M) sum_m a_nmu dL/da_nmu|``, the change
+    of the loss if unit ``u`` of example ``n`` were zeroed, averaged over
+    its ``M`` positions (feature-map pixels), then over examples.
+
+    Args:
+      unit_view: the model.
+      params: its params.
+      batches: ``(inputs, targets)`` pairs.
+      loss: ``loss(outputs, *targets)``: per-example losses (summed) or
+        their sum.
+      state: the model's state, if any.
+      normalize: divide each set's scores by their Euclidean norm (the
+        paper's layer-wise normalization, for a global ranking).
+
+    Returns:
+      Unit scores.
+
+    References:
+      Molchanov et al. 2017, "Pruning convolutional neural networks for
+      resource efficient inference", §2.2 (Eq. 8); Hoefler et al. 2021,
+      §3.4.
+    """
+    sizes = _sizes(unit_view)
+
+    @jax.jit
+    def batch_sums(inputs, targets):
+        n = tree_util.tree_leaves(inputs)[0].shape[0]
+        gates = {k: jnp.ones((n, v)) for k, v in sizes.items()}
+
+        def objective(g):
+            return _loss_of(unit_view, params, state, loss, inputs, targets, scale=g)
+
+        grads, acts = jax.grad(objective, has_aux=True)(gates)
+        return {
+            k: jnp.sum(jnp.abs(grads[k]) / acts[k].shape[1], axis=0) for k in sizes
+        }, n
+
+    total, count = {k: jnp.zeros(v) for k, v in sizes.items()}, 0
+    for batch in batches:
+        sums, n = batch_sums(*_split_batch(batch))
+        total = {k: total[k] + sums[k] for k in sizes}
+        count += n
+    scores = {k: v / count for k, v in total.items()}
+    if normalize:
+        scores = {
+            k: v / jnp.maximum(jnp.linalg.norm(v), 1e-30) for k, v in scores.items()
+        }
+    return scores
+
+
+def gate_saliency(
+    unit_view: UnitView,
+    params: Params,
+    batches: Iterable[Any],
+    loss: Callable[..., jax.Array],
+    *,
+    state: Any = None,
+) -> UnitScores:
+    """Mozer & Smolensky's skeletonization: a gate ``alpha_u`` multiplies
+    each unit's output, and the relevance ``rho_u = E(alpha_u = 0) -
+    E(alpha_u = 1)`` is estimated by ``-dE/dalpha_u`` at ``alpha = 1``,
+    summed over the dataset.
+
+    Args:
+      unit_view: the model.
+      params: its params.
+      batches: ``(inputs, targets)`` pairs.
+      loss: ``loss(outputs, *targets)``, summed over the batch.
+      state: the model's state, if any.
+
+    Returns:
+      Unit scores (higher: removing the unit raises the loss more).
+
+    References:
+      Mozer & Smolensky 1989, "Skeletonization: a technique for trimming the
+      fat from a network via relevance assessment", §2; Hoefler et al. 2021,
+      §3.4.
+    """
+    sizes = _sizes(unit_view)
+
+    @jax.jit
+    def batch_grad(inputs, targets):
+        gates = {k: jnp.ones((v,)) for k, v in sizes.items()}
+
+        def objective(g):
+            return _loss_of(unit_view, params, state, loss, inputs, targets, scale=g)
+
+        return jax.grad(objective, has_aux=True)(gates)[0]
+
+    total = {k: jnp.zeros(v) for k, v in sizes.items()}
+    for batch in batches:
+        grads = batch_grad(*_split_batch(batch))
+        total = {k: total[k] - grads[k] for k in sizes}
+    return total
+
+
+class DependentUnits(NamedTuple):
+    """Xu & Ho's QR with column pivoting of one unit set's Jacobian columns.
+
+    Attributes:
+      order: the pivot order (most independent first).
+      diagonal: ``|R_ii|`` in pivot order.
+      rank: the numerical rank (``|R_ii| > tol * |R_00|``).
+      scores: ``|R_ii|`` given back to the unit it pivoted (higher keeps;
+        the dependent units score lowest).
+    """
+
+    order: jax.Array
+    diagonal: jax.Array
+    rank: jax.Array
+    scores: jax.Array
+
+    @property
+    def independent(self) -> jax.Array:
+        """``(size,) bool``: the units among the first ``rank`` pivots."""
+        size = self.order.shape[0]
+        position = jnp.zeros(size, jnp.int32).at[self.order].set(jnp.arange(size))
+        return position < self.rank
+
+
+def jacobian_qr(
+    unit_view: UnitView,
+    params: Params,
+    *inputs: Any,
+    state: Any = None,
+    tol: float = 1e-6,
+) -> dict[str, DependentUnits]:
+    """Finds units whose outputs are linear combinations of other units'.
+
+    The per-example Jacobian of the next layer's pre-activations with
+    respect to its weights has, for each of its outputs, one column per
+    unit: the unit's activation over the examples (and positions). QR with
+    column pivoting of those columns orders the units from most to least
+    independent; past the numerical rank, a unit's column is a combination
+    of the ones before it, so the unit can go and the next layer's weights
+    absorb it. Where the next layer has a bias, its constant column is
+    taken out first (the columns are centred), so a constant unit counts
+    as dependent too.
+
+    Args:
+      unit_view: the model.
+      params: its params.
+      *inputs: one batch of model inputs (more examples than units).
+      state: the model's state, if any.
+      tol: relative threshold on ``|R_ii|`` for the rank.
+
+    Returns:
+      ``{set name: DependentUnits}``; remove the units not ``independent``.
+
+    References:
+      Xu & Ho 2006, "A new training and pruning algorithm based on node
+      dependence and Jacobian rank deficiency", §3; Hoefler et al. 2021,
+      §3.4.
+    """
+    sizes = _sizes(unit_view)
+    centred = {k: unit_view.readers[k][1] is not None for k in sizes}
+
+    @jax.jit
+    def qr(inputs):
+        _, acts = unit_view.run(params, *inputs, state=state)
+        result = {}
+        for k, size in sizes.items():
+            jac = acts[k].reshape(-1, size)
+            if centred[k]:
+                jac = jac - jnp.mean(jac, axis=0)[None]
+            _, r, order = jax.scipy.linalg.qr(jac, mode="economic", pivoting=True)
+            diag = jnp.abs(jnp.diagonal(r))
+            diag = jnp.concatenate([diag, jnp.zeros(size - diag.shape[0], diag.dtype)])
+            rank = jnp.sum(diag > tol * diag[0])
+            scores = jnp.zeros(size, diag.dtype).at[order].set(diag)
+            result[k] = DependentUnits(order, diag, rank, scores)
+        return result
+
+    return qr(inputs)
