@@ -19,6 +19,7 @@ from jaxsparse.experiments.schedule_comparison import (
     run_schedules,
 )
 from jaxsparse.experiments.second_order import format_second_order, run_second_order
+from jaxsparse.experiments.structured import format_structured, run_structured
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--experiment",
-        choices=("one-shot", "schedules", "second-order", "regularized"),
+        choices=("one-shot", "schedules", "second-order", "regularized", "structured"),
         default="one-shot",
         help="one-shot: prune a trained model to several sparsities and "
         "fine-tune; schedules: compare dense, one-shot, gradual, IHT, RigL "
@@ -38,15 +39,17 @@ def _parser() -> argparse.ArgumentParser:
         "Fisher diagonal, OBD, OBS and WoodFisher (MLP 64-64-10, 150 epochs; "
         "--seeds and --sparsities apply); regularized: penalties, proximal "
         "steps, L0 gates, learned thresholds, Sparse VD and SBP (--seeds "
-        "applies)",
+        "applies); structured: remove 50 and 75 %% of the units of a digits MLP "
+        "and CNN by ten unit criteria, fine-tune, shrink (--seeds applies)",
     )
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument(
         "--seeds",
         type=int,
         nargs="+",
-        default=[0, 1, 2, 3, 4],
-        help="seeds of the schedules experiment",
+        default=None,
+        help="seeds of the schedules, second-order and regularized experiments "
+        "(default 0-4) and of the structured one (default 0-2)",
     )
     p.add_argument(
         "--sparsity",
@@ -89,8 +92,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         distribution=args.distribution,
     )
     start = time.perf_counter()
+    if args.experiment != "structured":
+        args.seeds = args.seeds or [0, 1, 2, 3, 4]
     model = f"digits MLP {'-'.join(map(str, (64, *config.hidden, 10)))}"
-    if args.experiment == "regularized":
+    if args.experiment == "structured":
+        seeds = args.seeds or [0, 1, 2]
+        rows = run_structured(seeds)
+        print(
+            "digits MLP 64-128-64-10 and CNN (16, 32 channels), 60 epochs, then "
+            "units removed per hidden layer and 10 epochs of fine-tuning; test "
+            f"accuracy (%), mean of seeds {seeds}"
+        )
+        print(format_structured(rows))
+    elif args.experiment == "regularized":
         rows = run_regularized(args.seeds)
         print(f"digits MLP 64-256-128-10, 120 epochs per method, seeds {args.seeds}")
         print(format_regularized(rows))
