@@ -231,9 +231,6 @@ class AxisWalk:
         self._dims[var] = dims
         self._activation[var] = activation
 
-    def bind_input(self, var: Any, dims: Dims, activation: bool) -> None:
-        self._set(var, dims, activation)
-
     def _pin_all(self, dims: Dims, reason: str) -> None:
         for axis in dims:
             self.atoms.pin(axis, reason)

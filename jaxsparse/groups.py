@@ -106,11 +106,12 @@ class Groups:
             if r.startswith(UNSUPPORTED)
         )
 
-    def _set(self, name: str) -> UnitSet:
+    def unit_set(self, name: str) -> UnitSet:
+        """The unit set called ``name``; ``KeyError`` naming the known ones."""
         for s in self.sets:
             if s.name == name:
                 return s
-        raise KeyError(name)
+        raise KeyError(f"no unit set {name!r}; these are {[s.name for s in self.sets]}")
 
     def _leaves(self, tree: Any, what: str, state: bool = False) -> dict[str, Any]:
         """``path -> leaf`` of ``tree``, checked against the traced shapes."""

@@ -448,7 +448,7 @@ def _reader(unit_view: UnitView, name: str, need_bias: bool):
             f"{name}: the layer that reads these units ({kernel}) has no bias "
             "to fold into"
         )
-    unit_set = next(s for s in unit_view.groups.sets if s.name == name)
+    unit_set = unit_view.groups.unit_set(name)
     member = next(m for m in unit_set.members if m.path == kernel and not m.state)
     if member.stride != 1:
         raise ValueError(f"{name}: units spread over several positions of {kernel}")
@@ -554,7 +554,7 @@ def _incoming(
     """``(size, d)``: each unit's incoming parameters (and state), all of its
     slices except the reader's kernel rows, side by side."""
     kernel_path, _, _ = _reader(unit_view, name, False)
-    unit_set = next(s for s in unit_view.groups.sets if s.name == name)
+    unit_set = unit_view.groups.unit_set(name)
     leaves = _leaf_map(params)
     state_leaves = _leaf_map(state) if state is not None else {}
     parts = []
@@ -629,7 +629,7 @@ def similarity_merge(
     new, units = {}, {}
     for name, count in remove.items():
         kernel_path, axis, _ = _reader(unit_view, name, False)
-        size = next(s.size for s in unit_view.groups.sets if s.name == name)
+        size = unit_view.groups.unit_set(name).size
         if not 0 <= count < size:
             raise ValueError(
                 f"{name}: can merge away 0 to {size - 1} units, got {count}"

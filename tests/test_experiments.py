@@ -5,7 +5,7 @@ import re
 import jax
 import pytest
 
-from jaxsparse.experiments import cli, one_shot, schedule_comparison
+from jaxsparse.experiments import cli, one_shot, schedule_comparison, structured
 
 
 @pytest.fixture(autouse=True)
@@ -119,3 +119,29 @@ def test_main_schedules(capsys):
     assert re.search(r"gradual\s+50\.\d\d%", out)
     with pytest.raises(ValueError, match="sparsity must be in"):
         schedule_comparison.run_schedules(SMALL, [0], 1.0)
+
+
+def test_structured_removes_units_and_shrinks_exactly():
+    rows = structured.run_structured(
+        seeds=(0,),
+        fractions=(0.5,),
+        criteria=("magnitude", "correlation-merge"),
+        epochs=3,
+        finetune_epochs=1,
+    )
+    # run_structured itself checks that each shrunk model's accuracy equals
+    # the masked model's; here the sizes are the hand-counted ones.
+    assert [(r.model, r.criterion) for r in rows] == [
+        ("mlp", "magnitude"),
+        ("mlp", "correlation-merge"),
+        ("cnn", "magnitude"),
+        ("cnn", "correlation-merge"),
+    ]
+    mlp = 64 * 64 + 64 + 64 * 32 + 32 + 32 * 10 + 10
+    cnn = 9 * 8 + 8 + 9 * 8 * 16 + 16 + 16 * 10 + 10
+    assert [r.shrunk_params for r in rows] == [mlp, mlp, cnn, cnn]
+    table = structured.format_structured(rows)
+    assert "| mlp | correlation-merge |" in table
+    assert f"| cnn | 50% | 5130 | {cnn} |" in table
+    with pytest.raises(ValueError, match="unknown criterion"):
+        structured.run_structured(seeds=(0,), criteria=("nope",), epochs=1)
