@@ -48,10 +48,19 @@ def conv_net(params, x):
     for name in ("conv_0", "conv_1"):
         layer = params[name]
         x = jax.lax.conv_general_dilated(
-            x, layer["kernel"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+            x,
+            layer["kernel"],
+            (1, 1),
+            "SAME",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
         )
         x = jax.nn.relu(x + layer["bias"][None, None, None, :])
-        x = jax.lax.reduce_window(x, 0.0, jax.lax.add, (1, 2, 2, 1), (1, 2, 2, 1), "VALID") / 4
+        x = (
+            jax.lax.reduce_window(
+                x, 0.0, jax.lax.add, (1, 2, 2, 1), (1, 2, 2, 1), "VALID"
+            )
+            / 4
+        )
     flat = x.reshape(x.shape[0], -1)
     return flat @ params["head"]["kernel"] + params["head"]["bias"][None, :]
 
@@ -65,14 +74,20 @@ def bench(name, apply, params, x, repeats):
     groups = js.trace(apply, params, x)
     traced = time.perf_counter() - start
     forward = jax.jit(apply)
-    print(f"\n{name}: {len(groups.sets)} unit sets "
-          f"({', '.join(f'{s.name} x{s.size}' for s in groups.sets)}), "
-          f"traced in {1e3 * traced:.0f} ms, {_size(params)} params")
-    print("| removed | params shrunk | dense ms | masked ms | shrunk ms | shrunk / dense | shrink ms |")
+    print(
+        f"\n{name}: {len(groups.sets)} unit sets "
+        f"({', '.join(f'{s.name} x{s.size}' for s in groups.sets)}), "
+        f"traced in {1e3 * traced:.0f} ms, {_size(params)} params"
+    )
+    print(
+        "| removed | params shrunk | dense ms | masked ms | shrunk ms "
+        "| shrunk / dense | shrink ms |"
+    )
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for fraction in (0.5, 0.75):
-        mask = js.layerwise_mask(js.saliency.magnitude(params), fraction,
-                                 granularity=groups, reduce="l2")
+        mask = js.layerwise_mask(
+            js.saliency.magnitude(params), fraction, granularity=groups, reduce="l2"
+        )
         masked = js.apply_mask(params, mask)
         start = time.perf_counter()
         small = jax.block_until_ready(js.shrink(masked, groups, mask))
@@ -82,27 +97,41 @@ def bench(name, apply, params, x, repeats):
         med = interleaved(
             {
                 "dense": lambda: forward(params, x),
-                "masked": lambda: forward(masked, x),
-                "shrunk": lambda: forward(small, x),
+                "masked": lambda m=masked: forward(m, x),
+                "shrunk": lambda s=small: forward(s, x),
             },
             repeats,
         )
-        print(f"| {fraction:.0%} | {_size(small)} | {med['dense']:.3f} | "
-              f"{med['masked']:.3f} | {med['shrunk']:.3f} | "
-              f"{med['shrunk'] / med['dense']:.2f} | {shrink_ms:.0f} |")
+        print(
+            f"| {fraction:.0%} | {_size(small)} | {med['dense']:.3f} | "
+            f"{med['masked']:.3f} | {med['shrunk']:.3f} | "
+            f"{med['shrunk'] / med['dense']:.2f} | {shrink_ms:.0f} |"
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=200)
     args = parser.parse_args()
-    print(f"{platform.processor() or platform.machine()}, jax {jax.__version__}, "
-          f"{jax.devices()[0].platform}, {jax.device_count()} device(s)")
+    print(
+        f"{platform.processor() or platform.machine()}, jax {jax.__version__}, "
+        f"{jax.devices()[0].platform}, {jax.device_count()} device(s)"
+    )
     key = jax.random.key(0)
-    bench("MLP 784-300-100-10", mlp, init_mlp(key, (784, 300, 100, 10)),
-          jax.random.normal(key, (256, 784)), args.repeats)
-    bench("conv net 32-64, 28x28", conv_net, init_conv(key),
-          jax.random.normal(key, (256, 28, 28, 1)), args.repeats)
+    bench(
+        "MLP 784-300-100-10",
+        mlp,
+        init_mlp(key, (784, 300, 100, 10)),
+        jax.random.normal(key, (256, 784)),
+        args.repeats,
+    )
+    bench(
+        "conv net 32-64, 28x28",
+        conv_net,
+        init_conv(key),
+        jax.random.normal(key, (256, 28, 28, 1)),
+        args.repeats,
+    )
 
 
 if __name__ == "__main__":

@@ -259,29 +259,38 @@ def units_include(include: Any) -> Any:
     return (lambda path, leaf: True) if include is None else include
 
 
+def split_shape(
+    shape: tuple[int, ...], axis: int, size: int, stride: int
+) -> tuple[int, ...]:
+    """``shape`` with ``axis`` split as ``(outer, size, stride)``: index ``i``
+    of the axis becomes ``(i // (size * stride), (i // stride) % size, i %
+    stride)``, so a unit's index sits at ``axis + 1``."""
+    n = shape[axis]
+    return (*shape[:axis], n // (size * stride), size, stride, *shape[axis + 1 :])
+
+
 def _unit_view(x: jax.Array, member: Member, size: int) -> jax.Array:
-    """``x`` with ``member.axis`` split as ``(outer, size, stride)``, so the
-    unit index sits at ``member.axis + 1``."""
-    axis, stride = member.axis, member.stride
-    n = x.shape[axis]
-    return x.reshape(
-        (*x.shape[:axis], n // (size * stride), size, stride, *x.shape[axis + 1 :])
-    )
+    return x.reshape(split_shape(x.shape, member.axis, size, member.stride))
+
+
+def along_units(
+    values: jax.Array, shape: tuple[int, ...], axis: int, size: int, stride: int
+) -> jax.Array:
+    """``values`` (one per unit, ``(size,)``, or per example and unit,
+    ``(shape[0], size)``) broadcast over an array of ``shape`` whose ``axis``
+    holds the units."""
+    split = split_shape(tuple(shape), axis, size, stride)
+    target = [1] * len(split)
+    target[axis + 1] = size
+    if values.ndim == 2:
+        target[0] = shape[0]
+    return jnp.broadcast_to(values.reshape(target), split).reshape(shape)
 
 
 def _expand(
     keep: jax.Array, member: Member, size: int, shape: tuple[int, ...]
 ) -> jax.Array:
-    axis, stride = member.axis, member.stride
-    split = (
-        *shape[:axis],
-        shape[axis] // (size * stride),
-        size,
-        stride,
-        *shape[axis + 1 :],
-    )
-    wide = keep.reshape((1,) * (axis + 1) + (size,) + (1,) * (len(split) - axis - 2))
-    return jnp.broadcast_to(wide, split).reshape(shape)
+    return along_units(keep, shape, member.axis, size, member.stride)
 
 
 def _flat(tree: Any) -> list[tuple[str, Any]]:
@@ -327,8 +336,8 @@ def trace(
       >>> params = {"l1": {"w": jnp.ones((4, 8)), "b": jnp.zeros(8)},
       ...           "l2": {"w": jnp.ones((8, 3)), "b": jnp.zeros(3)}}
       >>> def mlp(p, x):
-      ...     h = jax.nn.relu(x @ p["l1"]["w"] + p["l1"]["b"])
-      ...     return h @ p["l2"]["w"] + p["l2"]["b"]
+      ...     h = jax.nn.relu(x @ p["l1"]["w"] + p["l1"]["b"][None])
+      ...     return h @ p["l2"]["w"] + p["l2"]["b"][None]
       >>> groups = js.groups.trace(mlp, params, jnp.ones((2, 4)))
       >>> [(m.path, m.axis) for m in groups.sets[0].members]
       [('l1/b', 0), ('l1/w', 1), ('l2/w', 0)]
@@ -641,7 +650,8 @@ def shrink(
       >>> import jax, jax.numpy as jnp, jaxsparse as js
       >>> params = {"l1": {"w": jnp.ones((4, 8)), "b": jnp.zeros(8)},
       ...           "l2": {"w": jnp.ones((8, 3)), "b": jnp.zeros(3)}}
-      >>> mlp = lambda p, x: jax.nn.relu(x @ p["l1"]["w"] + p["l1"]["b"]) @ p["l2"]["w"]
+      >>> def mlp(p, x):
+      ...     return jax.nn.relu(x @ p["l1"]["w"] + p["l1"]["b"][None]) @ p["l2"]["w"]
       >>> groups = js.groups.trace(mlp, params, jnp.ones((2, 4)))
       >>> units = {groups.sets[0].name: jnp.arange(8) < 3}
       >>> small = js.groups.shrink(params, groups, units)

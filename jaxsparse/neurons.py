@@ -34,7 +34,15 @@ from jax import tree_util
 from jaxsparse import _tree
 from jaxsparse._types import Params, Sparsity
 from jaxsparse.distribution import Distribution, Uniform
-from jaxsparse.groups import Groups, model_call, trace, units_include, walk_model
+from jaxsparse.groups import (
+    Groups,
+    along_units,
+    model_call,
+    split_shape,
+    trace,
+    units_include,
+    walk_model,
+)
 
 UnitScores = dict[str, jax.Array]
 """One score per unit, ``{set name: (size,) array}``; higher means keep."""
@@ -81,50 +89,9 @@ def _taps(walked, names: Iterable[str]) -> dict[str, _Tap]:
     return out
 
 
-def _along(
-    values: jax.Array, shape, axis: int, size: int, stride: int, per_example: bool
-) -> jax.Array:
-    """``values`` (``(size,)``, or ``(batch, size)``) broadcast over an
-    activation of ``shape`` whose ``axis`` holds the units."""
-    split = (
-        *shape[:axis],
-        shape[axis] // (size * stride),
-        size,
-        stride,
-        *shape[axis + 1 :],
-    )
-    target = [1] * len(split)
-    target[axis + 1] = size
-    if per_example:
-        target[0] = shape[0]
-    return jnp.broadcast_to(values.reshape(target), split).reshape(shape)
-
-
-def _unit_samples(x: jax.Array, axis: int, size: int, stride: int) -> jax.Array:
-    """An activation as ``(samples, size)``: every position but the unit's."""
-    split = x.reshape(
-        (
-            *x.shape[:axis],
-            x.shape[axis] // (size * stride),
-            size,
-            stride,
-            *x.shape[axis + 1 :],
-        )
-    )
-    return jnp.moveaxis(split, axis + 1, -1).reshape(-1, size)
-
-
 def _per_example(x: jax.Array, axis: int, size: int, stride: int) -> jax.Array:
     """An activation as ``(batch, positions, size)``."""
-    split = x.reshape(
-        (
-            *x.shape[:axis],
-            x.shape[axis] // (size * stride),
-            size,
-            stride,
-            *x.shape[axis + 1 :],
-        )
-    )
+    split = x.reshape(split_shape(x.shape, axis, size, stride))
     return jnp.moveaxis(split, axis + 1, -1).reshape(x.shape[0], -1, size)
 
 
@@ -220,13 +187,8 @@ class UnitView:
                 ):
                     if before is not None:
                         x = before(x)
-                    wide = _along(
-                        v.astype(x.dtype),
-                        x.shape,
-                        tap.axis,
-                        size,
-                        tap.stride,
-                        v.ndim == 2,
+                    wide = along_units(
+                        v.astype(x.dtype), x.shape, tap.axis, size, tap.stride
                     )
                     return x * wide if kind == "scale" else x + wide
 
@@ -565,15 +527,7 @@ def _incoming(
         if m.path not in source:
             continue
         x = np.asarray(source[m.path], np.float64)
-        split = x.reshape(
-            (
-                *x.shape[: m.axis],
-                x.shape[m.axis] // (unit_set.size * m.stride),
-                unit_set.size,
-                m.stride,
-                *x.shape[m.axis + 1 :],
-            )
-        )
+        split = x.reshape(split_shape(x.shape, m.axis, unit_set.size, m.stride))
         parts.append(np.moveaxis(split, m.axis + 1, 0).reshape(unit_set.size, -1))
     return np.concatenate(parts, axis=1)
 
