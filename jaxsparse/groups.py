@@ -113,8 +113,11 @@ class Groups:
                 return s
         raise KeyError(f"no unit set {name!r}; these are {[s.name for s in self.sets]}")
 
-    def _leaves(self, tree: Any, what: str, state: bool = False) -> dict[str, Any]:
-        """``path -> leaf`` of ``tree``, checked against the traced shapes."""
+    def _leaves(
+        self, tree: Any, what: str, state: bool = False, allow_none: bool = False
+    ) -> dict[str, Any]:
+        """``path -> leaf`` of ``tree``, checked against the traced shapes
+        (``None`` leaves allowed with ``allow_none``)."""
         found = {_tree.path_str(p): x for p, x in _tree.leaves_with_path(tree)}
         for path, shape in self.state_shapes if state else self.shapes:
             if not any(
@@ -122,6 +125,8 @@ class Groups:
                 for s in self.sets
                 for m in s.members
             ):
+                continue
+            if path in found and found[path] is None and allow_none:
                 continue
             if path not in found or found[path] is None:
                 raise ValueError(
@@ -144,18 +149,20 @@ class Groups:
         Euclidean norm, ``"sum"``: plain sum).
 
         Args:
-          scores: a pytree of float scores mirroring the traced params.
+          scores: a pytree of float scores mirroring the traced params
+            (``None`` leaves, as a criterion gives for leaves it skips, add
+            nothing).
           reduce: the reduction.
 
         Returns:
           ``{set name: (size,) float array}``.
         """
-        leaves = self._leaves(scores, "scores")
+        leaves = self._leaves(scores, "scores", allow_none=True)
         out = {}
         for s in self.sets:
             parts = []
             for m in s.members:
-                if m.state:
+                if m.state or leaves[m.path] is None:
                     continue
                 x = jnp.asarray(leaves[m.path])
                 view = _unit_view(x, m, s.size)
@@ -163,7 +170,9 @@ class Groups:
                 parts.append(
                     reduce_scores(view, axes, "l2" if reduce == "l2" else reduce)
                 )
-            if reduce == "l2":
+            if not parts:
+                out[s.name] = jnp.zeros((s.size,), jnp.float32)
+            elif reduce == "l2":
                 out[s.name] = jnp.sqrt(sum(jnp.square(p) for p in parts))
             else:
                 out[s.name] = sum(parts[1:], parts[0])
@@ -177,10 +186,13 @@ class Groups:
         Args:
           units: ``{set name: (size,) bool or None}`` (``None`` keeps the
             whole set), or ``None`` to keep every unit.
-          like: the params (or scores) the mask mirrors.
+          like: the params (or scores) the mask mirrors; a unit's leaf that
+            is ``None`` there (a criterion that skipped biases) still gets
+            its mask, so that the whole unit goes.
         """
         self._check_units(units)
-        leaves = self._leaves(like, "params")
+        self._leaves(like, "params", allow_none=True)
+        shapes = dict(self.shapes)
         masks: dict[str, jax.Array] = {}
         for s in self.sets:
             chosen = None if units is None else units[s.name]
@@ -188,15 +200,13 @@ class Groups:
             for m in s.members:
                 if m.state:
                     continue
-                shape = tuple(np.shape(leaves[m.path]))
+                shape = shapes[m.path]
                 mask = masks.get(m.path, jnp.ones(shape, bool))
                 if keep is not None:
                     mask = mask & _expand(keep, m, s.size, shape)
                 masks[m.path] = mask
         return tree_util.tree_map_with_path(
-            lambda p, x: masks.get(_tree.path_str(p)) if x is not None else None,
-            like,
-            is_leaf=_tree.is_none,
+            lambda p, x: masks.get(_tree.path_str(p)), like, is_leaf=_tree.is_none
         )
 
     def unit_mask(self, mask: Mask) -> UnitMask:

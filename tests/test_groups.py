@@ -157,7 +157,7 @@ def _zero_by_hand(params, spec, unit):
     )
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(
     name=st.sampled_from(list(EXPECTED)),
     which=st.integers(0, 1),
@@ -249,6 +249,26 @@ def test_unit_scores_reduce_over_the_whole_unit(reduce):
     else:
         want = sum(np.asarray(x).sum(0) for x in parts)
     np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_unit_scores_of_obd_saliency_skip_the_leaves_it_leaves_out():
+    case = CASES["mlp"]
+    p, x = case.params, case.x
+    y = jnp.ones((x.shape[0], 3))
+
+    def loss(p, x, y):
+        return jnp.mean(jnp.square(mlp(p, x) - y))
+
+    diag = js.curvature.hessian_diag(loss, p, x, y)  # kernels only
+    saliency = js.obs.obd_saliency(p, diag)
+    assert saliency["l1"]["b"] is None
+    got = case.groups.unit_scores(saliency)["l1/w:1"]
+    want = np.abs(saliency["l1"]["w"]).sum(0) + np.abs(saliency["l2"]["w"]).sum(1)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    mask = js.layerwise_mask(saliency, 0.5, granularity=case.groups)
+    assert int(np.sum(~np.asarray(case.groups.unit_mask(mask)["l1/w:1"]))) == 4
+    # The biases the criterion skipped still lose their removed units.
+    np.testing.assert_array_equal(mask["l1"]["b"], np.asarray(mask["l1"]["w"]).any(0))
 
 
 def test_unit_mask_of_an_expanded_mask_round_trips():
