@@ -369,6 +369,8 @@ class AxisWalk:
             return outs
         if name in ("pad", "slice", "dynamic_slice", "rev", "dynamic_update_slice"):
             return [self._windowed(name, params, ins, in_shapes, out_shapes[0])]
+        if name in ("reduce_window_sum", "reduce_window_max", "reduce_window_min"):
+            return [self._pooled(params, ins[0], in_shapes[0], out_shapes[0])]
         if name == "gather":
             return [self._gather(params, ins, in_shapes, out_shapes[0])]
         if name == "iota":
@@ -494,6 +496,26 @@ class AxisWalk:
                     if out_shape[a] == 1
                     else [self.atoms.new(out_shape[a], f"{name} along the axis")]
                 )
+        return out
+
+    def _pooled(self, params, operand, shape, out_shape) -> Dims:
+        """A windowed reduction (pooling): an axis the window does not
+        touch (size 1, stride 1, no padding or dilation) passes through."""
+        out = []
+        for a in range(len(shape)):
+            untouched = (
+                params["window_dimensions"][a] == 1
+                and params["window_strides"][a] == 1
+                and tuple(params["padding"][a]) == (0, 0)
+                and params["base_dilation"][a] == 1
+                and params["window_dilation"][a] == 1
+            )
+            if untouched:
+                out.append(operand[a])
+            else:
+                self.atoms.pin(operand[a], "pooled over")
+                size = out_shape[a]
+                out.append([] if size == 1 else [self.atoms.new(size, "pooled over")])
         return out
 
     def _gather(self, params, ins, in_shapes, out_shape) -> Dims:

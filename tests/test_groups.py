@@ -15,10 +15,13 @@ from unit_models import (
     BLOCK_UNITS,
     CNN,
     CNN_UNITS,
+    FLAT_CNN_UNITS,
     LINEN_UNITS,
     MHA_UNITS,
     MLP_UNITS,
     Block,
+    flat_cnn,
+    flat_cnn_params,
     linen_cnn,
     mha,
     mha_params,
@@ -62,6 +65,11 @@ class _Case:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
                 self.groups = js.trace(mha, self.params, self.x)
+        elif name == "flat_cnn":
+            self.params = flat_cnn_params()
+            self.x = jax.random.normal(key, (2, 6, 6, 1))
+            self.apply = flat_cnn
+            self.groups = js.trace(flat_cnn, self.params, self.x)
         elif name == "linen":
             self.apply, self.params, self.state, self.x = linen_cnn()
             with warnings.catch_warnings():
@@ -97,6 +105,7 @@ EXPECTED = {
     "cnn": CNN_UNITS,
     "block": BLOCK_UNITS,
     "linen": LINEN_UNITS,
+    "flat_cnn": FLAT_CNN_UNITS,
 }
 CASES = {name: _Case(name) for name in EXPECTED}
 
@@ -133,18 +142,16 @@ def test_dense_axes_say_why():
     assert reasons["head/kernel/value", 1] == ("model output",)
 
 
-def _zero_by_hand(params, spec, unit):
-    """Zeroes the unit's slices from the hand-written spec (stride-aware)."""
+def _zero_by_hand(params, spec, unit, size):
+    """Zeroes the unit's slices from the hand-written spec: index ``i`` of
+    the axis is unit ``(i // stride) % size``."""
     flat = {
         "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in p): x
         for p, x in jax.tree_util.tree_flatten_with_path(params)[0]
     }
     for path, axis, stride in spec:
         x = np.array(flat[path])
-        n = x.shape[axis]
-        hit = ((np.arange(n) // stride) % (n // stride if stride > 1 else n)) == unit
-        if stride > 1:
-            hit = (np.arange(n) // stride) == unit
+        hit = (np.arange(x.shape[axis]) // stride) % size == unit
         index = [slice(None)] * x.ndim
         index[axis] = hit
         x[tuple(index)] = 0
@@ -171,7 +178,7 @@ def test_masking_one_unit_equals_zeroing_it_by_hand(name, which, unit):
     units = {t.name: jnp.ones(t.size, bool) for t in sets}
     units[s.name] = units[s.name].at[unit].set(False)
     masked = js.apply_mask(case.params, case.groups.element_mask(units, case.params))
-    by_hand = _zero_by_hand(case.params, EXPECTED[name][s.name], unit)
+    by_hand = _zero_by_hand(case.params, EXPECTED[name][s.name], unit, s.size)
     np.testing.assert_array_equal(case.run(masked), case.run(by_hand))
 
 

@@ -205,3 +205,41 @@ def linen_cnn(seed=0, **widths):
         return model.apply({"params": params, **state}, x)
 
     return apply, variables["params"], {"batch_stats": stats}, x
+
+
+def flat_cnn_params(seed=0):
+    rng = np.random.default_rng(seed)
+
+    def arr(*shape):
+        return jnp.asarray(
+            rng.normal(size=shape) / np.sqrt(np.prod(shape[:-1])), jnp.float32
+        )
+
+    return {
+        "conv": {"kernel": arr(3, 3, 1, 4), "bias": arr(4)},
+        "head": {"kernel": arr(3 * 3 * 4, 5), "bias": arr(5)},
+    }
+
+
+def flat_cnn(p, x):
+    """A convolution, 2x2 average pooling, and a flatten into the head: the
+    head's rows of one channel are every 4th (the channel is the fastest)."""
+    h = jax.lax.conv_general_dilated(
+        x,
+        p["conv"]["kernel"],
+        (1, 1),
+        "SAME",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
+    h = jax.nn.relu(h + p["conv"]["bias"][None, None, None, :])
+    h = jax.lax.reduce_window(h, 0.0, jax.lax.add, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+    return h.reshape(h.shape[0], -1) @ p["head"]["kernel"] + p["head"]["bias"][None]
+
+
+FLAT_CNN_UNITS = {
+    "conv/kernel:3": [
+        ("conv/bias", 0, 1),
+        ("conv/kernel", 3, 1),
+        ("head/kernel", 0, 1),
+    ],
+}

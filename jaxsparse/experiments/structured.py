@@ -52,6 +52,7 @@ class StructuredRow(NamedTuple):
     criterion: str
     seed: int
     removed: float
+    dense_accuracy: float
     pruned_accuracy: float
     finetuned_accuracy: float
     dense_params: int
@@ -235,6 +236,7 @@ def run_structured(
                 params, opt = epoch(params, opt, x, y, jax.random.fold_in(key, e))
             forward = jax.jit(apply)
             dense_ms = _median_ms(forward, params, xt)
+            dense_acc = _accuracy(forward, params, xt, yt)
             for fraction in fractions:
                 for criterion in criteria:
                     pruned, units, groups = remove_units(
@@ -270,6 +272,7 @@ def run_structured(
                             criterion,
                             seed,
                             fraction,
+                            dense_acc,
                             pruned_acc,
                             tuned_acc,
                             _size(params),
@@ -302,6 +305,11 @@ def format_structured(rows: Sequence[StructuredRow]) -> str:
             cells.append(f"{100 * np.mean([r.pruned_accuracy for r in sel]):.2f}")
             cells.append(f"{100 * np.mean([r.finetuned_accuracy for r in sel]):.2f}")
         lines.append(f"| {model} | {criterion} | " + " | ".join(cells) + " |")
+    for model in dict.fromkeys(r.model for r in rows):
+        dense = np.mean([r.dense_accuracy for r in rows if r.model == model])
+        lines.append(
+            f"| {model} | dense | {100 * dense:.2f} |" + " |" * (2 * len(fractions) - 1)
+        )
     lines.append("")
     lines.append(
         "| model | removed | params dense | params shrunk "
