@@ -357,9 +357,7 @@ def trace(
     """
     call = model_call(fn, state is not None, kwargs)
     walked = walk_model(call, params, state, args)
-    groups, roots = walked.groups, walked.roots
-    if probe:
-        groups = _probe(groups, roots, walked, call, params, state, args)
+    groups = _probe(walked, call, params, state, args) if probe else walked.groups
     if groups.unsupported:
         listed = "; ".join(f"{p} axis {a} ({r})" for p, a, r in groups.unsupported[:8])
         warnings.warn(
@@ -419,13 +417,14 @@ def walk_model(call: Callable, params: Params, state: Any, args: tuple) -> Walke
     return Walked(closed, walk, groups, roots, param_leaves + state_leaves)
 
 
-def _probe(groups: Groups, roots, walked: Walked, call, params, state, args) -> Groups:
+def _probe(walked: Walked, call, params, state, args) -> Groups:
     """Leaves dense the unit sets the model does not run one unit smaller
     with the same computation: a shape check in Python, or a reshape to
     fixed sizes, which a jaxpr of one size cannot show."""
+    groups = walked.groups
     kept, unchecked = [], []
     dense = {(path, axis): set(reasons) for path, axis, reasons in groups.dense}
-    for s, root in zip(groups.sets, roots):
+    for s, root in zip(groups.sets, walked.roots):
         if s.size == 1:
             kept.append(s)
             continue
