@@ -22,6 +22,7 @@ from jaxsparse import reports as reports
 from jaxsparse import saliency as saliency
 from jaxsparse import schedules as schedules
 from jaxsparse import selection as selection
+from jaxsparse import spectrum as spectrum
 from jaxsparse import sparse_export as sparse_export
 from jaxsparse import storage as storage
 from jaxsparse import structure as structure
@@ -128,6 +129,7 @@ __all__ = (
     "sparsify",
     "sparsity",
     "sparsity_report",
+    "spectrum",
     "storage",
     "structure",
     "topk_mask",
