@@ -22,8 +22,8 @@ from jaxsparse import reports as reports
 from jaxsparse import saliency as saliency
 from jaxsparse import schedules as schedules
 from jaxsparse import selection as selection
-from jaxsparse import spectrum as spectrum
 from jaxsparse import sparse_export as sparse_export
+from jaxsparse import spectrum as spectrum
 from jaxsparse import storage as storage
 from jaxsparse import structure as structure
 from jaxsparse import transforms as transforms
