@@ -732,12 +732,19 @@ def output_sensitivity(
             for k in sizes
         }, n
 
-    total, count = {k: jnp.zeros(v) for k, v in sizes.items()}, 0
-    for batch in batches:
-        sums, n = batch_sums(batch if isinstance(batch, tuple) else (batch,))
-        total = {k: total[k] + sums[k] for k in sizes}
-        count += n
+    total, count = _summed(
+        (batch_sums(b if isinstance(b, tuple) else (b,)) for b in batches), sizes
+    )
     return {k: jnp.sqrt(v / count) for k, v in total.items()}
+
+
+def _summed(parts: Iterable[tuple[dict, int]], sizes: dict[str, int]):
+    """Sums per-batch ``(unit scores, count)`` pairs over a dataset."""
+    total, count = {k: jnp.zeros(v) for k, v in sizes.items()}, 0
+    for scores, n in parts:
+        total = {k: total[k] + scores[k] for k in sizes}
+        count += n
+    return total, count
 
 
 def _loss_of(unit_view, params, state, loss, inputs, targets, **hooks):
@@ -792,11 +799,7 @@ def taylor_units(
             k: jnp.sum(jnp.abs(grads[k]) / acts[k].shape[1], axis=0) for k in sizes
         }, n
 
-    total, count = {k: jnp.zeros(v) for k, v in sizes.items()}, 0
-    for batch in batches:
-        sums, n = batch_sums(*_split_batch(batch))
-        total = {k: total[k] + sums[k] for k in sizes}
-        count += n
+    total, count = _summed((batch_sums(*_split_batch(b)) for b in batches), sizes)
     scores = {k: v / count for k, v in total.items()}
     if normalize:
         scores = {
@@ -844,10 +847,8 @@ def gate_saliency(
 
         return jax.grad(objective, has_aux=True)(gates)[0]
 
-    total = {k: jnp.zeros(v) for k, v in sizes.items()}
-    for batch in batches:
-        grads = batch_grad(*_split_batch(batch))
-        total = {k: total[k] - grads[k] for k in sizes}
+    grads, _ = _summed(((batch_grad(*_split_batch(b)), 0) for b in batches), sizes)
+    total = {k: -v for k, v in grads.items()}
     return total
 
 
