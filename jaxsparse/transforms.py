@@ -12,7 +12,8 @@ Two forms:
   :func:`sparse_evolutionary` and :func:`dynamic_sparse` wrap an inner
   optimizer. They hand criteria the raw gradients, mask the gradients before
   the inner optimizer and zero its per-parameter state (moments) wherever a
-  weight is pruned or regrown; a regrown weight starts at 0.
+  weight is pruned or regrown; a regrown weight starts at 0 (at a random
+  value in SET).
 
 Masks are recomputed inside ``lax.cond`` on the steps the schedule marks, so
 ordinary steps pay one ``where`` per leaf; the state's tree and dtypes never
@@ -50,6 +51,9 @@ from jaxsparse.schedules import AdaptiveSchedule, cosine_drop_fraction
 from jaxsparse.structure import Element, Granularity, Reduce
 
 _CRITERION_ARGS = ("params", "grads", "key")
+# Keeps the draws of grown weights apart from the criterion's fold_in(key, count).
+_GROW_SALT = 0x5E7
+_SET_GROW_INIT = jax.nn.initializers.normal(0.1)
 
 
 def _criterion_caller(criterion: Criterion, name: str):
@@ -179,6 +183,8 @@ class _MaskRule(NamedTuple):
     init_schedule: Callable[[], Any]
     step: Callable[..., tuple[Mask, Any, jax.Array]]
     """``step(...) -> (mask, schedule_state, may_have_changed)``."""
+    grow_init: Any = None
+    """Initializer of weights that become active (``None``: they start at 0)."""
 
 
 def _schedule_rule(
@@ -377,6 +383,20 @@ def _reset_moments(inner, inner_state, changed: Mask, params: Params):
     )
 
 
+def _grown_start(init, key, count, updates, old: Mask, new: Mask, params: Params):
+    """Updates that set each weight growing now to a fresh draw of ``init``."""
+    key = jax.random.fold_in(jax.random.fold_in(key, count), _GROW_SALT)
+    news, treedef = tree_util.tree_flatten(new, is_leaf=_tree.is_none)
+    olds = treedef.flatten_up_to(old)
+    weights = treedef.flatten_up_to(params)
+    out = treedef.flatten_up_to(updates)
+    for i, (o, n, p) in enumerate(zip(olds, news, weights)):
+        if n is not None:
+            start = init(jax.random.fold_in(key, i), p.shape, p.dtype)
+            out[i] = jnp.where(n & ~o, (start - p).astype(out[i].dtype), out[i])
+    return treedef.unflatten(out)
+
+
 def _wrapper_form(inner: optax.GradientTransformation, rule: _MaskRule, key, name):
     if not isinstance(inner, optax.GradientTransformation):
         raise TypeError(f"{name}: inner must be an optax GradientTransformation")
@@ -415,18 +435,31 @@ def _wrapper_form(inner: optax.GradientTransformation, rule: _MaskRule, key, nam
                 mask,
                 is_leaf=_tree.is_none,
             )
-            # Regrown weights start at 0: their first update is -param (= 0).
+            # Changed weights restart from 0: their update is -param.
             settled = tree_util.tree_map(
                 lambda m, c: None if m is None else m & ~c,
                 mask,
                 changed,
                 is_leaf=_tree.is_none,
             )
-            return _reset_moments(inner, inner_state, changed, params), settled
+            masked = _masked_updates(updates, settled, params)
+            if rule.grow_init is not None:
+                masked = _grown_start(
+                    rule.grow_init,
+                    jax.random.wrap_key_data(state.key),
+                    state.count,
+                    masked,
+                    state.mask,
+                    mask,
+                    params,
+                )
+            return _reset_moments(inner, inner_state, changed, params), masked
+
+        def ordinary():
+            return inner_state, _masked_updates(updates, mask, params)
 
         # Ordinary steps skip the comparison and the moment reset.
-        inner_state, settled = lax.cond(may_change, settle, lambda: (inner_state, mask))
-        masked = _masked_updates(updates, settled, params)
+        inner_state, masked = lax.cond(may_change, settle, ordinary)
         masked, saved = _restore(masked, state.saved, state.mask, mask, params)
         return masked, SparsifyState(
             optax.safe_increment(state.count),
@@ -496,6 +529,7 @@ def _drop_and_grow_rule(
     init_criterion: Criterion,
     drop: str,
     decay: str,
+    grow_init: jax.nn.initializers.Initializer | None,
 ) -> _MaskRule:
     _tree.check_sparsity(sparsity)
     for value, label in ((every, "every"), (end, "end")):
@@ -587,7 +621,12 @@ def _drop_and_grow_rule(
         new = lax.cond(update_now, drop_and_grow, lambda: mask)
         return new, schedule_state, update_now
 
-    return _MaskRule(True, False, init_mask, lambda: (), step)
+    if grow_init is not None and not callable(grow_init):
+        raise TypeError(
+            "grow_init must be an initializer (key, shape, dtype) -> array, "
+            f"got {grow_init!r}"
+        )
+    return _MaskRule(True, False, init_mask, lambda: (), step, grow_init)
 
 
 def dynamic_sparse(
@@ -604,6 +643,7 @@ def dynamic_sparse(
     init_criterion: Criterion = random_scores,
     drop: Literal["magnitude", "signed"] = "magnitude",
     drop_decay: Literal["cosine", "constant"] = "cosine",
+    grow_init: jax.nn.initializers.Initializer | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Dynamic sparse training at constant sparsity: drop and grow.
 
@@ -611,7 +651,8 @@ def dynamic_sparse(
     ``sparsity``. Every ``every`` steps before ``end`` (not at step 0), each
     leaf drops a fraction of its active weights and grows as many where
     ``grow`` scores highest among the inactive ones (a weight just dropped
-    may be regrown). Grown weights start at 0 with zeroed optimizer state.
+    may be regrown). Grown weights start at 0 (RigL), or at a draw of
+    ``grow_init`` (SET), with zeroed optimizer state.
 
     - ``drop="magnitude"`` drops the fraction with the smallest ``|w|``
       (RigL); ``drop="signed"`` drops the fraction of the smallest positive
@@ -636,6 +677,9 @@ def dynamic_sparse(
       init_criterion: scores for the initial mask.
       drop: which active weights are dropped.
       drop_decay: how the drop fraction changes over steps.
+      grow_init: initializer ``(key, shape, dtype) -> array`` (as in
+        ``jax.nn.initializers``) of the weights grown at an update; ``None``
+        starts them at 0.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with a :class:`SparsifyState`.
@@ -655,6 +699,7 @@ def dynamic_sparse(
         init_criterion,
         drop,
         drop_decay,
+        grow_init,
     )
     return _wrapper_form(inner, rule, key, "dynamic_sparse")
 
@@ -712,17 +757,23 @@ def sparse_evolutionary(
     include: LeafSelector = None,
     drop: Literal["magnitude", "signed"] = "signed",
     drop_decay: Literal["cosine", "constant"] = "constant",
+    grow_init: jax.nn.initializers.Initializer | None = _SET_GROW_INIT,
 ) -> optax.GradientTransformationExtraArgs:
     """SET: every ``every`` steps (an epoch in the paper) remove the fraction
     ``zeta = drop_fraction`` of the smallest positive weights and of the
     largest negative weights of each layer, and regrow as many at random
-    (see :func:`dynamic_sparse` for the arguments).
+    positions with random values (see :func:`dynamic_sparse` for the
+    arguments).
 
-    The defaults follow the paper: a constant ``zeta = 0.3`` and the signed
+    The defaults follow the paper: a constant ``zeta = 0.3``, the signed
     drop rule (Mocanu et al. 2018, Methods, "SET": "the fraction zeta of
     the smallest positive weights and the largest negative weights ... is
-    removed"). ``drop="magnitude"`` and ``drop_decay="cosine"`` give RigL's
-    rules with random growth instead.
+    removed") and new weights drawn from ``N(0, 0.1^2)`` as the authors'
+    code does. A weight regrown at exactly 0 behind a dead input gets no
+    gradient and is never dropped again by the signed rule (it is neither
+    positive nor negative), so zero-initialized growth piles up dead
+    connections. ``drop="magnitude"``, ``drop_decay="cosine"`` and
+    ``grow_init=None`` give RigL's rules with random growth instead.
 
     References:
       Mocanu et al. 2018, "Scalable training of artificial neural networks
@@ -741,4 +792,5 @@ def sparse_evolutionary(
         include=include,
         drop=drop,
         drop_decay=drop_decay,
+        grow_init=grow_init,
     )

@@ -448,6 +448,7 @@ def test_sparse_evolutionary_defaults_to_the_paper():
         key=3,
         drop="signed",
         drop_decay="constant",
+        grow_init=jax.nn.initializers.normal(0.1),
     )
     set_ = js.sparse_evolutionary(base(), 0.8, every=10, end=100, key=3)
     rigl_like = js.sparse_evolutionary(
@@ -463,6 +464,51 @@ def test_sparse_evolutionary_defaults_to_the_paper():
     for x, y in zip(a, b):
         jax.tree.map(np.testing.assert_array_equal, x, y)
     assert any(float(js.schedules.mask_distance(x, z)) > 0 for x, z in zip(a, c))
+
+
+@pytest.mark.parametrize("grow_init", [None, "set"])
+def test_grown_weights_start_at_zero_or_at_a_draw(grow_init):
+    """RigL grows at 0; SET draws new weights from N(0, 0.1^2) (Mocanu et al.
+    2018, the authors' code) so that none starts dead at exactly 0."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(64, 128)).astype(np.float32)
+    params = {"w": jnp.asarray(w), "b": jnp.zeros(128)}
+    kwargs = {} if grow_init == "set" else {"grow_init": None}
+    tx = js.sparse_evolutionary(
+        standard(optax.adam(0.0)),
+        0.75,
+        every=1,
+        end=10,
+        key=7,
+        drop_fraction=0.5,
+        **kwargs,
+    )
+    state = tx.init(params)
+    # One step moves the mask: kept weights stay (learning rate 0), dropped
+    # ones become 0, grown ones start where the rule says.
+    grads = jax.tree.map(jnp.ones_like, params)
+    state = state._replace(count=jnp.asarray(1, jnp.int32))
+    params["w"] = jnp.where(state.mask["w"], params["w"], 0.0)
+    updates, new_state = jax.jit(tx.update)(grads, state, params)
+    new = optax.apply_updates(params, updates)
+    old_m, new_m = np.asarray(state.mask["w"]), np.asarray(new_state.mask["w"])
+    grown, dropped, kept = new_m & ~old_m, old_m & ~new_m, old_m & new_m
+    assert grown.sum() == dropped.sum() > 800
+    out = np.asarray(new["w"])
+    np.testing.assert_array_equal(out[kept], np.asarray(params["w"])[kept])
+    assert np.all(out[~new_m] == 0.0)
+    if grow_init is None:
+        assert np.all(out[grown] == 0.0)
+    else:
+        assert np.all(out[grown] != 0.0)
+        assert np.std(out[grown]) == pytest.approx(0.1, rel=0.1)
+        assert abs(np.mean(out[grown])) < 0.01
+    for moment in (new_state.inner_state[0].mu, new_state.inner_state[0].nu):
+        assert np.all(np.asarray(moment["w"])[grown | dropped] == 0.0)
+    with pytest.raises(TypeError, match="grow_init must be an initializer"):
+        js.sparse_evolutionary(
+            standard(optax.adam(0.1)), 0.5, every=1, end=2, key=0, grow_init=0.1
+        )
 
 
 @pytest.mark.parametrize("form", ["chain", "wrapper"])
