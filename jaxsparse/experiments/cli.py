@@ -1,10 +1,13 @@
-"""The command line: ``python -m jaxsparse [--experiment ...]``."""
+"""The command line: ``jaxsparse run CONFIG``, ``jaxsparse compare
+RESULTS...`` and ``python -m jaxsparse [--experiment ...]``."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from jaxsparse.experiments.one_shot import (
     CRITERIA,
@@ -26,7 +29,9 @@ def _parser() -> argparse.ArgumentParser:
     defaults = Config()
     p = argparse.ArgumentParser(
         prog="python -m jaxsparse",
-        description="Prune an MLP on the embedded digits dataset and compare.",
+        description="Prune an MLP on the embedded digits dataset and compare. "
+        "Subcommands: 'run CONFIG' runs a config (python -m jaxsparse run --help), "
+        "'compare RESULTS...' tabulates and plots results.",
     )
     p.add_argument(
         "--experiment",
@@ -77,8 +82,84 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _run_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="jaxsparse run",
+        description="Run a config: a TOML file, or the name of a config shipped "
+        "with jaxsparse (see --list).",
+    )
+    p.add_argument("config", nargs="?", help="a .toml file or a shipped config name")
+    p.add_argument("--out", type=Path, default=Path("results"), help="results dir")
+    p.add_argument(
+        "--checkpoints",
+        type=Path,
+        default=None,
+        help="checkpoint root (default OUT/NAME-checkpoints when the config sets "
+        "checkpoint_every); a run resumes from its latest checkpoint",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--list", action="store_true", help="list the shipped configs")
+    return p
+
+
+def _compare_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="jaxsparse compare",
+        description="Tabulate and plot results files of jaxsparse run.",
+    )
+    p.add_argument("results", nargs="+", type=Path, help="results .json files")
+    p.add_argument(
+        "--plots", type=Path, default=None, help="PNG dir (default: the first's dir)"
+    )
+    return p
+
+
+def _run(argv: Sequence[str]) -> None:
+    from jaxsparse.experiments.compare import compare_table, load_results
+    from jaxsparse.experiments.config import load_config, shipped_configs
+    from jaxsparse.experiments.runner import run
+
+    parser = _run_parser()
+    args = parser.parse_args(argv)
+    if args.list or args.config is None:
+        for name, path in sorted(shipped_configs().items()):
+            print(f"{name:<22} {path}")
+        if args.config is None and not args.list:
+            parser.error("give a config file or a shipped config name")
+        return
+    try:
+        config = load_config(args.config)
+    except ValueError as err:
+        parser.exit(2, f"jaxsparse run: {err}\n")
+    start = time.perf_counter()
+    run(config, args.out, checkpoints=args.checkpoints, progress=not args.quiet)
+    path = args.out / f"{config.name}.json"
+    print(compare_table(load_results([path])))
+    print(f"results: {path} and .csv ({time.perf_counter() - start:.1f} s)")
+
+
+def _compare(argv: Sequence[str]) -> None:
+    from jaxsparse.experiments.compare import compare_table, load_results, plot_results
+
+    parser = _compare_parser()
+    args = parser.parse_args(argv)
+    try:
+        docs = load_results(args.results)
+    except ValueError as err:
+        parser.exit(2, f"jaxsparse compare: {err}\n")
+    print(compare_table(docs))
+    plots = args.plots or args.results[0].parent
+    for path in plot_results(docs, plots):
+        print(f"plot: {path}")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Command-line entry point."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "run":
+        return _run(argv[1:])
+    if argv and argv[0] == "compare":
+        return _compare(argv[1:])
     args = _parser().parse_args(argv)
     config = Config(
         seed=args.seed,
