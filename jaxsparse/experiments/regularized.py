@@ -242,7 +242,16 @@ def methods(n_train: int, lr: float = 1e-3) -> dict[str, Method]:
     }
 
 
-def _train(method: Method, variables, split, key, epochs: int, batch_size: int):
+def train_method(
+    method: Method,
+    variables,
+    split: data.Split,
+    key: jax.Array,
+    epochs: int,
+    batch_size: int,
+):
+    """Trains ``method`` from ``variables`` for ``epochs`` epochs of shuffled
+    mini-batches under one jitted epoch; returns the trained variables."""
     steps = len(split.y_train) // batch_size
     total = epochs * steps
 
@@ -292,7 +301,7 @@ def run_regularized(
         table = methods(len(split.y_train))
         for name in names or table:
             method = table[name]
-            trained = _train(
+            trained = train_method(
                 method, method.init(params, key), split, key, epochs, batch_size
             )
             pruned, keep = method.readout(trained)
