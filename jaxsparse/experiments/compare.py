@@ -31,12 +31,19 @@ def load_results(paths: list[str | Path]) -> list[dict[str, Any]]:
     return docs
 
 
-def _groups(docs) -> dict[tuple[str, str, float], list[dict[str, Any]]]:
-    groups: dict[tuple[str, str, float], list] = defaultdict(list)
+def _groups(docs) -> dict[tuple[str, str, float | None], list[dict[str, Any]]]:
+    """Rows by (results, method, target); a method without a target (a
+    regularizer reaches what its strength gives) is one group."""
+    groups: dict[tuple[str, str, float | None], list] = defaultdict(list)
     for doc in docs:
         for row in doc["rows"]:
-            target = row.get("target", row.get("sparsity", 0.0))
-            groups[(doc["name"], str(row["method"]), float(target))].append(row)
+            target = row.get("target")
+            key = (
+                doc["name"],
+                str(row["method"]),
+                None if target is None else float(target),
+            )
+            groups[key].append(row)
     return groups
 
 
@@ -55,7 +62,7 @@ def compare_table(docs: list[dict[str, Any]]) -> str:
             (
                 name,
                 method,
-                f"{target:.0%}",
+                "-" if target is None else f"{target:.0%}",
                 f"{np.mean([r['sparsity'] for r in rows]):.2%}",
                 _spread([r["accuracy"] for r in rows]),
                 str(len(rows)),
@@ -104,7 +111,7 @@ def plot_results(docs: list[dict[str, Any]], out: Path) -> list[Path]:
 
     layered = {}
     for (name, method, target), rows in _groups(docs).items():
-        if "layers" not in rows[0]:
+        if "layers" not in rows[0] or target is None:
             continue
         label = method if len(docs) == 1 else f"{name}: {method}"
         if label not in layered or target > layered[label][0]:

@@ -197,6 +197,34 @@ def _fingerprint(config: RunConfig, job: _Job) -> dict[str, Any]:
     return {**settings, "method": method, "target": job.target, "seed": job.seed}
 
 
+def initial_state(
+    config: RunConfig,
+    job: _Job,
+    net: Model,
+    features: int,
+    classes: int,
+    steps_per_epoch: int,
+) -> tuple[optax.GradientTransformation, dict[str, Any]]:
+    """A run's transform and its state before the first step (the tree a
+    checkpoint of the run must fit)."""
+    params = net.init(
+        jax.random.fold_in(jax.random.key(job.seed), 0), features, classes
+    )
+    tx = build_transform(config, job.method, job.target, job.seed, steps_per_epoch)
+    opt = tx.init(params)
+    state = {
+        "params": params,
+        "opt": opt,
+        "step": jnp.zeros((), jnp.int32),
+        "data_seed": jnp.asarray(job.seed, jnp.int32),
+    }
+    if job.method.method != "dense":
+        # The mask at the last evaluation, so each one reports how much of
+        # the mask the updates since then moved (a resumed run included).
+        state["eval_mask"] = js.effective_mask(opt)
+    return tx, state
+
+
 def train(
     config: RunConfig,
     job: _Job,
@@ -232,15 +260,7 @@ def train(
             f"{n} training examples"
         )
     total = config.epochs * per_epoch
-    key = jax.random.key(job.seed)
-    params = net.init(jax.random.fold_in(key, 0), features, split.num_classes)
-    tx = build_transform(config, job.method, job.target, job.seed, per_epoch)
-    state = {
-        "params": params,
-        "opt": tx.init(params),
-        "step": jnp.zeros((), jnp.int32),
-        "data_seed": jnp.asarray(job.seed, jnp.int32),
-    }
+    tx, state = initial_state(config, job, net, features, split.num_classes, per_epoch)
     history: list[dict[str, Any]] = []
     checkpoints = None
     if checkpoint_dir is not None and config.checkpoint_every:
@@ -282,6 +302,11 @@ def train(
                 "sparsity": float(js.sparsity(state["params"])),
                 "accuracy": _accuracy(apply, state["params"], x_test, y_test),
             }
+            if "eval_mask" in state:
+                mask = js.effective_mask(state["opt"])
+                moved = js.schedules.mask_distance(state["eval_mask"], mask)
+                record["mask_change"] = float(moved)
+                state = {**state, "eval_mask": mask}
             history.append(record)
             report({**record, "total": total})
         if checkpoints is not None and (t % config.checkpoint_every == 0 or t == total):
@@ -358,11 +383,13 @@ def run_training(
             task = bars.add_task(job.label, total=total, status="")
 
             def report(record, task=task):
+                moved = record.get("mask_change")
                 bars.update(
                     task,
                     completed=record["step"],
                     status=f"epoch {record['epoch']}, sparsity "
-                    f"{record['sparsity']:.1%}, accuracy {record['accuracy']:.2%}",
+                    f"{record['sparsity']:.1%}, accuracy {record['accuracy']:.2%}"
+                    + ("" if moved is None else f", mask moved {moved:.1%}"),
                 )
 
             row = train(
@@ -413,7 +440,10 @@ def _study_rows(config: RunConfig) -> list[dict[str, Any]]:
         return [{**r._asdict(), "target": r.sparsity} for r in got]
     if config.experiment == "regularized":
         got = regularized.run_regularized(seeds)
-        return [{**r._asdict(), "sparsity": r.weight_sparsity} for r in got]
+        # No target: each method reaches the sparsity its strength gives.
+        return [
+            {**r._asdict(), "target": None, "sparsity": r.weight_sparsity} for r in got
+        ]
     got = structured.run_structured(seeds)
     return [
         {
