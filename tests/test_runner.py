@@ -54,7 +54,7 @@ def small(*methods, **top):
 
 
 def train(config, name, seed=0, **kwargs):
-    job = runner._Job(next(m for m in config.methods if m.name == name), 0.8, seed)
+    job = runner.Job(next(m for m in config.methods if m.name == name), 0.8, seed)
     return runner.train(
         config, job, data.digits(seed), model(config.model, config.hidden), **kwargs
     )
@@ -86,7 +86,7 @@ def test_a_resumed_run_ends_bitwise_identical(name, tmp_path):
     whole = train(config, name)
     # 63 steps; stopped after step 30 (last checkpoint at 28), then resumed.
     assert train(config, name, checkpoint_dir=tmp_path, stop_at_step=30) is None
-    saved = ckpt.Checkpoints(tmp_path, runner._fingerprint(config, _job(config, name)))
+    saved = ckpt.Checkpoints(tmp_path, runner.fingerprint(config, _job(config, name)))
     assert saved.latest() == 28
     resumed = train(config, name, checkpoint_dir=tmp_path)
     assert_same_tree(whole["params"], resumed["params"])
@@ -97,7 +97,7 @@ def test_a_resumed_run_ends_bitwise_identical(name, tmp_path):
 
 
 def _job(config, name):
-    return runner._Job(next(m for m in config.methods if m.name == name), 0.8, 0)
+    return runner.Job(next(m for m in config.methods if m.name == name), 0.8, 0)
 
 
 def _like(config, name):
@@ -338,7 +338,7 @@ def test_lenet5_trains_pruned_on_digits():
             ],
         }
     )
-    job = runner._Job(config.methods[0], 0.8, 0)
+    job = runner.Job(config.methods[0], 0.8, 0)
     row = runner.train(config, job, data.digits(0), model("lenet-5"))
     assert set(row["layers"]) == {
         "conv_0/kernel",

@@ -173,8 +173,10 @@ def _layer_sparsity(params) -> dict[str, float]:
     return {leaf.path: leaf.sparsity for leaf in js.sparsity_report(params).leaves}
 
 
-@dataclasses.dataclass
-class _Job:
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One run of a config: a method at one target sparsity and seed."""
+
     method: MethodConfig
     target: float
     seed: int
@@ -189,7 +191,10 @@ class _Job:
         return f"{name}-{self.target:g}-seed{self.seed}"
 
 
-def _fingerprint(config: RunConfig, job: _Job) -> dict[str, Any]:
+def fingerprint(config: RunConfig, job: Job) -> dict[str, Any]:
+    """What a checkpoint of ``job`` must have been written with: every
+    setting that changes its training (not the other methods or seeds, nor
+    how often it is saved)."""
     settings = config.as_dict()
     for key in ("name", "seeds", "methods", "checkpoint_every", "study"):
         settings.pop(key)
@@ -199,7 +204,7 @@ def _fingerprint(config: RunConfig, job: _Job) -> dict[str, Any]:
 
 def initial_state(
     config: RunConfig,
-    job: _Job,
+    job: Job,
     net: Model,
     features: int,
     classes: int,
@@ -227,7 +232,7 @@ def initial_state(
 
 def train(
     config: RunConfig,
-    job: _Job,
+    job: Job,
     split: data.Split,
     net: Model,
     *,
@@ -266,7 +271,7 @@ def train(
     if checkpoint_dir is not None and config.checkpoint_every:
         from jaxsparse.experiments.checkpoints import Checkpoints
 
-        checkpoints = Checkpoints(checkpoint_dir, _fingerprint(config, job))
+        checkpoints = Checkpoints(checkpoint_dir, fingerprint(config, job))
         if checkpoints.latest() is not None:
             _, state, extra = checkpoints.restore(state)
             history = extra["history"]
@@ -333,12 +338,12 @@ def train(
     }
 
 
-def _jobs(config: RunConfig) -> list[_Job]:
+def _jobs(config: RunConfig) -> list[Job]:
     jobs = []
     for method in config.methods:
         for target in method.sparsities or (0.0,):
             for seed in config.seeds:
-                jobs.append(_Job(method, target, seed))
+                jobs.append(Job(method, target, seed))
     return jobs
 
 
