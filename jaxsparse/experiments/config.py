@@ -179,26 +179,24 @@ _METHOD_KEYS: dict[str, Callable[[str, Any], Any]] = {
     "drop_fraction": _sparsity,
 }
 
+# The training settings both digits MLP studies take.
+_MLP_STUDY_KEYS: dict[str, Callable[[str, Any], Any]] = {
+    "hidden": _list(_int(1)),
+    "epochs": _int(1),
+    "finetune_epochs": _int(0),
+    "batch_size": _int(1),
+    "learning_rate": _number(0.0, strict=True),
+}
+
 # The keys a built-in study reads, beside name, experiment and seeds.
 _STUDY_KEYS: dict[str, dict[str, Callable[[str, Any], Any]]] = {
     "one-shot": {
-        "hidden": _list(_int(1)),
-        "epochs": _int(1),
-        "finetune_epochs": _int(0),
-        "batch_size": _int(1),
-        "learning_rate": _number(0.0, strict=True),
+        **_MLP_STUDY_KEYS,
         "sparsities": _list(_sparsity),
         "criteria": _list(_choice(CRITERIA)),
         "distribution": _choice(DISTRIBUTIONS),
     },
-    "schedules": {
-        "hidden": _list(_int(1)),
-        "epochs": _int(1),
-        "finetune_epochs": _int(0),
-        "batch_size": _int(1),
-        "learning_rate": _number(0.0, strict=True),
-        "sparsity": _sparsity,
-    },
+    "schedules": {**_MLP_STUDY_KEYS, "sparsity": _sparsity},
     "second-order": {"sparsities": _list(_sparsity)},
     "regularized": {},
     "structured": {},
