@@ -53,7 +53,18 @@ from jaxsparse.structure import Element, Granularity, Reduce
 _CRITERION_ARGS = ("params", "grads", "key")
 # Keeps the draws of grown weights apart from the criterion's fold_in(key, count).
 _GROW_SALT = 0x5E7
-_SET_GROW_INIT = jax.nn.initializers.normal(0.1)
+
+
+def _normal_init(scale: Any) -> jax.nn.initializers.Initializer:
+    """``N(0, scale^2)``; ``scale`` may be traced (``inject_hyperparams``)."""
+    value = _tree.concrete_float(scale)
+    if value is not None and value < 0:
+        raise ValueError(f"grow_scale must be >= 0, got {value}")
+
+    def init(key, shape, dtype):
+        return jax.random.normal(key, shape, dtype) * jnp.asarray(scale, dtype)
+
+    return init
 
 
 def _criterion_caller(criterion: Criterion, name: str):
@@ -757,7 +768,7 @@ def sparse_evolutionary(
     include: LeafSelector = None,
     drop: Literal["magnitude", "signed"] = "signed",
     drop_decay: Literal["cosine", "constant"] = "constant",
-    grow_init: jax.nn.initializers.Initializer | None = _SET_GROW_INIT,
+    grow_scale: float = 0.1,
 ) -> optax.GradientTransformationExtraArgs:
     """SET: every ``every`` steps (an epoch in the paper) remove the fraction
     ``zeta = drop_fraction`` of the smallest positive weights and of the
@@ -768,12 +779,15 @@ def sparse_evolutionary(
     The defaults follow the paper: a constant ``zeta = 0.3``, the signed
     drop rule (Mocanu et al. 2018, Methods, "SET": "the fraction zeta of
     the smallest positive weights and the largest negative weights ... is
-    removed") and new weights drawn from ``N(0, 0.1^2)`` as the authors'
-    code does. A weight regrown at exactly 0 behind a dead input gets no
-    gradient and is never dropped again by the signed rule (it is neither
-    positive nor negative), so zero-initialized growth piles up dead
-    connections. ``drop="magnitude"``, ``drop_decay="cosine"`` and
-    ``grow_init=None`` give RigL's rules with random growth instead.
+    removed") and new weights drawn from ``N(0, grow_scale^2)`` with
+    ``grow_scale = 0.1`` as the authors' code does. A weight regrown at
+    exactly 0 behind a dead input gets no gradient and is never dropped
+    again by the signed rule (it is neither positive nor negative), so
+    zero-initialized growth piles up dead connections. ``drop="magnitude"``,
+    ``drop_decay="cosine"`` and ``grow_scale=0`` give RigL's rules with
+    random growth instead. ``grow_scale`` is a number, so
+    ``optax.inject_hyperparams`` exposes it; :func:`dynamic_sparse` takes
+    any initializer.
 
     References:
       Mocanu et al. 2018, "Scalable training of artificial neural networks
@@ -792,5 +806,5 @@ def sparse_evolutionary(
         include=include,
         drop=drop,
         drop_decay=drop_decay,
-        grow_init=grow_init,
+        grow_init=_normal_init(grow_scale),
     )

@@ -88,9 +88,16 @@ TRANSFORMS: dict[str, Case] = {
     ),
     "sparse_evolutionary": Case(
         js.sparse_evolutionary,
-        {"sparsity": 0.5, "every": EVERY, "end": 100, "key": 0, "drop_fraction": 0.3},
+        {
+            "sparsity": 0.5,
+            "every": EVERY,
+            "end": 100,
+            "key": 0,
+            "drop_fraction": 0.3,
+            "grow_scale": 0.1,
+        },
         static=("every", "end", "key"),
-        hyperparams=("sparsity", "drop_fraction"),
+        hyperparams=("sparsity", "drop_fraction", "grow_scale"),
         wraps=True,
     ),
     "add_penalty": Case(

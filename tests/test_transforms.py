@@ -473,7 +473,7 @@ def test_grown_weights_start_at_zero_or_at_a_draw(grow_init):
     rng = np.random.default_rng(0)
     w = rng.normal(size=(64, 128)).astype(np.float32)
     params = {"w": jnp.asarray(w), "b": jnp.zeros(128)}
-    kwargs = {} if grow_init == "set" else {"grow_init": None}
+    kwargs = {} if grow_init == "set" else {"grow_scale": 0.0}
     tx = js.sparse_evolutionary(
         standard(optax.adam(0.0)),
         0.75,
@@ -506,8 +506,18 @@ def test_grown_weights_start_at_zero_or_at_a_draw(grow_init):
     for moment in (new_state.inner_state[0].mu, new_state.inner_state[0].nu):
         assert np.all(np.asarray(moment["w"])[grown | dropped] == 0.0)
     with pytest.raises(TypeError, match="grow_init must be an initializer"):
+        js.dynamic_sparse(
+            standard(optax.adam(0.1)),
+            js.saliency.random,
+            0.5,
+            every=1,
+            end=2,
+            key=0,
+            grow_init=0.1,
+        )
+    with pytest.raises(ValueError, match=r"grow_scale must be >= 0, got -0\.1"):
         js.sparse_evolutionary(
-            standard(optax.adam(0.1)), 0.5, every=1, end=2, key=0, grow_init=0.1
+            standard(optax.adam(0.1)), 0.5, every=1, end=2, key=0, grow_scale=-0.1
         )
 
 
