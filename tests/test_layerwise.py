@@ -1,0 +1,226 @@
+"""Tests for jaxsparse/layerwise.py against brute-force least squares: OBC's
+every choice and its final weights, SparseGPT against a plain reference of
+its sequential rule, N:M exactness, and errors naming the layer."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxsparse as js
+from jaxsparse import layerwise as lw
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    with jax.enable_x64(True):
+        yield
+
+
+def problem(d_in=8, d_out=5, n=40, seed=0, correlated=True):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d_in))
+    if correlated:  # correlated inputs make OBS's updates matter
+        x = x @ rng.normal(size=(d_in, d_in)) * 0.5 + x
+    w = rng.normal(size=(d_in, d_out))
+    acc = lw.hessian_update(lw.hessian_init(d_in, jnp.float64), jnp.asarray(x))
+    return w, np.asarray(lw.damped(acc, 0.0), np.float64)
+
+
+def ls_error(h, w, keep):
+    """The least layer-wise error with only ``keep`` nonzero, and the weights."""
+    keep = np.asarray(keep, bool)
+    best = np.zeros_like(w)
+    if keep.any():
+        hs = h[np.ix_(keep, keep)]
+        best[keep] = np.linalg.solve(hs, h[keep] @ w)
+    delta = w - best
+    return float(delta @ h @ delta), best
+
+
+def test_hessian_accumulates_over_batches_exactly():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(3, 10, 6))  # (batch, positions, d_in): every row counts
+    acc = lw.hessian_init(6)
+    for part in (x[:1], x[1:]):
+        acc = jax.jit(lw.hessian_update)(acc, jnp.asarray(part))
+    rows = x.reshape(-1, 6)
+    np.testing.assert_allclose(acc.xtx, rows.T @ rows, rtol=1e-5)
+    assert int(acc.count) == 30
+    h = np.asarray(lw.damped(acc, 0.1))
+    plain = 2 * rows.T @ rows / 30
+    np.testing.assert_allclose(
+        h, plain + 0.1 * np.mean(np.diag(plain)) * np.eye(6), rtol=1e-5
+    )
+
+
+def test_obc_chooses_as_brute_force_step_by_step_and_ends_at_the_ls_optimum():
+    w, h = problem()
+    k = 5
+    new, mask = lw.obc_prune(jnp.asarray(w), jnp.asarray(h), k / 8)
+    for c in range(w.shape[1]):
+        # Brute force: at each step remove the weight whose removal leaves
+        # the least least-squares error given the support so far.
+        keep = np.ones(8, bool)
+        for _ in range(k):
+            costs = {}
+            for q in np.flatnonzero(keep):
+                trial = keep.copy()
+                trial[q] = False
+                costs[q] = ls_error(h, w[:, c], trial)[0]
+            keep[min(costs, key=costs.get)] = False
+        np.testing.assert_array_equal(np.asarray(mask[:, c]), keep, err_msg=str(c))
+        _, best = ls_error(h, w[:, c], keep)
+        np.testing.assert_allclose(np.asarray(new[:, c]), best, atol=1e-9)
+    assert np.all(np.asarray(new)[~np.asarray(mask)] == 0.0)
+
+
+def test_obc_n_m_keeps_n_of_every_m_with_the_greedy_constrained_choice():
+    w, h = problem(d_in=8, d_out=4, seed=2)
+    new, mask = lw.obc_prune(
+        jnp.asarray(w), jnp.asarray(h), pattern=js.NM(2, 4, axis=0)
+    )
+    mask = np.asarray(mask)
+    assert np.all(mask.reshape(2, 4, 4).sum(axis=1) == 2)
+    for c in range(4):
+        keep = np.ones(8, bool)
+        for _ in range(4):
+            costs = {}
+            for q in np.flatnonzero(keep):
+                group = slice(q // 4 * 4, q // 4 * 4 + 4)
+                if keep[group].sum() == 2:
+                    continue
+                trial = keep.copy()
+                trial[q] = False
+                costs[q] = ls_error(h, w[:, c], trial)[0]
+            keep[min(costs, key=costs.get)] = False
+        np.testing.assert_array_equal(mask[:, c], keep)
+        np.testing.assert_allclose(
+            np.asarray(new[:, c]), ls_error(h, w[:, c], keep)[1], atol=1e-9
+        )
+
+
+def sparsegpt_reference(w, h, sparsity, block):
+    """SparseGPT's rule written with explicit inverses of the remaining
+    inputs' H, no Cholesky, one input at a time."""
+    w = w.T.copy()  # (d_out, d_in)
+    d_in = w.shape[1]
+    pruned = np.zeros_like(w, bool)
+    for start in range(0, d_in, block):
+        stop = min(start + block, d_in)
+        hinv = np.linalg.inv(h[start:, start:])
+        # Block mask by w^2 / [H_F^-1]_ii with F the inputs from i on.
+        score = np.empty((w.shape[0], stop - start))
+        for i in range(start, stop):
+            hf = np.linalg.inv(h[i:, i:])
+            score[:, i - start] = w[:, i] ** 2 / hf[0, 0]
+        count = round(sparsity * score.size)
+        order = np.argsort(score.ravel(), kind="stable")[:count]
+        block_mask = np.zeros(score.size, bool)
+        block_mask[order] = True
+        pruned[:, start:stop] = block_mask.reshape(score.shape)
+        del hinv
+        for i in range(start, stop):
+            hf = np.linalg.inv(h[i:, i:])
+            err = np.where(pruned[:, i], w[:, i], 0.0)
+            w[:, i:] -= np.outer(err / hf[0, 0], hf[0])
+            w[:, i] = np.where(pruned[:, i], 0.0, w[:, i])
+    return w.T, ~pruned.T
+
+
+@pytest.mark.parametrize("block", [3, 4, 16])
+def test_sparsegpt_matches_its_rule_written_with_explicit_inverses(block):
+    w, h = problem(d_in=10, d_out=6, seed=3)
+    new, mask = lw.sparsegpt_prune(
+        jnp.asarray(w), jnp.asarray(h), 0.5, block_size=block
+    )
+    want, want_mask = sparsegpt_reference(w, h, 0.5, block)
+    np.testing.assert_array_equal(np.asarray(mask), want_mask)
+    np.testing.assert_allclose(np.asarray(new), want, atol=1e-9)
+
+
+def features(kind, seed):
+    rng = np.random.default_rng(seed)
+    if kind == "relu":  # a hidden layer's input: ReLU of a random projection
+        return np.maximum(rng.normal(size=(400, 16)) @ rng.normal(size=(16, 32)), 0)
+    pixels = js.data.digits(0).x_train.astype(np.float64)
+    return pixels[:, rng.permutation(64)[:32]]
+
+
+@pytest.mark.parametrize("kind", ["relu", "digits"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_sparsegpt_error_against_obc_and_magnitude(kind, seed):
+    """SparseGPT's documented cost of visiting inputs in order: on layer
+    inputs like a network's (ReLU features, digit pixels) its error is
+    within 2.5x of OBC's (measured 1.2-2.0x over three seeds, unstructured
+    50 % and 2:4, blocks of 8) and below magnitude pruning's (1.9-3.6x
+    OBC's). On independent inputs (H near a multiple of I) all three
+    coincide; on strongly correlated synthetic inputs SparseGPT can fall to
+    magnitude's level (measured up to 3.8x OBC)."""
+    x = features(kind, seed)
+    rng = np.random.default_rng(seed)
+    w = jnp.asarray(rng.normal(size=(32, 16)))
+    acc = lw.hessian_update(lw.hessian_init(32, jnp.float64), jnp.asarray(x))
+    h = lw.damped(acc, 0.01)
+    for pattern, sparsity in ((js.Element(), 0.5), (js.NM(2, 4, axis=0), None)):
+        gpt, gpt_mask = lw.sparsegpt_prune(
+            w, h, sparsity, pattern=pattern, block_size=8
+        )
+        obc, _ = lw.obc_prune(w, h, sparsity, pattern=pattern)
+        if isinstance(pattern, js.NM):
+            assert np.all(np.asarray(gpt_mask).reshape(8, 4, 16).sum(1) == 2)
+            magnitude = pattern.keep(jnp.abs(w))
+        else:
+            magnitude = js.layerwise_mask({"w": jnp.abs(w)}, 0.5)["w"]
+        assert float(1 - np.mean(gpt_mask)) == 0.5
+        errors = [
+            float(lw.reconstruction_error(w, p, h))
+            for p in (obc, gpt, jnp.where(magnitude, w, 0.0))
+        ]
+        assert errors[0] <= errors[1] <= 2.5 * errors[0], errors
+        assert errors[2] > errors[1], errors
+
+
+def test_nothing_pruned_changes_nothing():
+    w, h = problem()
+    for prune in (lw.obc_prune, lw.sparsegpt_prune):
+        new, mask = prune(jnp.asarray(w), jnp.asarray(h), 0.0)
+        np.testing.assert_allclose(np.asarray(new), w, atol=1e-12)
+        assert bool(jnp.all(mask))
+
+
+@pytest.mark.parametrize("prune", [lw.obc_prune, lw.sparsegpt_prune])
+def test_bad_input_names_the_layer(prune):
+    w, h = problem()
+    w, h = jnp.asarray(w), jnp.asarray(h)
+    with pytest.raises(ValueError, match="dense_1/kernel: H of shape"):
+        prune(w, h[:4, :4], 0.5, path="dense_1/kernel")
+    with pytest.raises(ValueError, match="dense_1/kernel: a kernel"):
+        prune(w[:, 0], h, 0.5, path="dense_1/kernel")
+    with pytest.raises(ValueError, match="use NM\\(2, 4, axis=0\\)"):
+        prune(w, h, pattern=js.NM(2, 4), path="dense_1/kernel")
+    with pytest.raises(ValueError, match="not divisible by m=3"):
+        prune(w, h, pattern=js.NM(1, 3, axis=0), path="dense_1/kernel")
+    with pytest.raises(ValueError, match="N:M fixes the sparsity"):
+        prune(w, h, 0.5, pattern=js.NM(2, 4, axis=0), path="dense_1/kernel")
+    with pytest.raises(
+        ValueError, match=r"dense_1/kernel: sparsity must be in \[0, 1\)"
+    ):
+        prune(w, h, 1.0, path="dense_1/kernel")
+    with pytest.raises(ValueError, match="dense_1/kernel: unstructured pruning needs"):
+        prune(w, h, path="dense_1/kernel")
+    with pytest.raises(TypeError, match="Element\\(\\) or NM"):
+        prune(w, h, 0.5, pattern=js.Block((2, 1)), path="dense_1/kernel")
+    # An input that never varies: H is singular without damping.
+    x = np.random.default_rng(0).normal(size=(30, 8))
+    x[:, 3] = 0.0
+    acc = lw.hessian_update(lw.hessian_init(8), jnp.asarray(x))
+    with pytest.raises(ValueError, match="dense_1/kernel: H is singular"):
+        prune(w, lw.damped(acc, 0.0), 0.5, path="dense_1/kernel")
+    new, _ = prune(w, lw.damped(acc, 0.01), 0.5, path="dense_1/kernel")
+    assert np.all(np.isfinite(np.asarray(new)))
+
+
+def test_calibration_of_the_wrong_width_is_refused():
+    with pytest.raises(ValueError, match="do not end in the layer's input width 8"):
+        lw.hessian_update(lw.hessian_init(8), jnp.ones((4, 7)))
