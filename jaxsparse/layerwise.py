@@ -32,13 +32,16 @@ References:
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from collections.abc import Callable, Iterable
+from typing import Any, Literal, NamedTuple
 
 import jax
+import jax.extend.core as jex
 import jax.numpy as jnp
-from jax import lax
+from jax import lax, tree_util
 
 from jaxsparse import _tree
+from jaxsparse._types import LeafSelector, Mask, Params
 from jaxsparse.structure import NM, Element
 
 Pattern = Element | NM
@@ -363,3 +366,216 @@ def reconstruction_error(
     dtype = _work_dtype(hessian)
     delta = (kernel - pruned).astype(dtype)
     return jnp.sum(delta * (hessian.astype(dtype) @ delta))
+
+
+_FOLLOW = ("convert_element_type", "copy", "copy_p")
+
+
+def _inputs_of_kernels(closed, flat, sources: dict, wanted: set[int]) -> dict:
+    """Evaluates a jaxpr, recording for each wanted parameter leaf the
+    activations it multiplies as ``x @ kernel`` (``{leaf: [inputs, ...]}``).
+
+    ``sources`` maps the jaxpr's variables that are parameter leaves (or a
+    dtype cast of one) to their leaf index; calls (``jit``) are entered.
+    """
+    env: dict[Any, Any] = {}
+    found: dict[int, list] = {}
+
+    def read(v):
+        return v.val if isinstance(v, jex.Literal) else env[v]
+
+    for v, c in zip(closed.jaxpr.constvars, closed.consts):
+        env[v] = c
+    for v, x in zip(closed.jaxpr.invars, flat):
+        env[v] = x
+    for eqn in closed.jaxpr.eqns:
+        name = eqn.primitive.name
+        ins = [read(v) for v in eqn.invars]
+        src = [
+            None if isinstance(v, jex.Literal) else sources.get(v) for v in eqn.invars
+        ]
+        if name == "jit" and any(s is not None for s in src):
+            inner = eqn.params["jaxpr"]
+            inner_sources = {
+                iv: s for iv, s in zip(inner.jaxpr.invars, src) if s is not None
+            }
+            outs, got = _inputs_of_kernels(inner, ins, inner_sources, wanted)
+            for leaf, xs in got.items():
+                found.setdefault(leaf, []).extend(xs)
+        else:
+            params = eqn.primitive.get_bind_params(eqn.params)
+            with eqn.ctx.manager:
+                ans = eqn.primitive.bind(*ins, **params)
+            outs = ans if eqn.primitive.multiple_results else [ans]
+        if name in _FOLLOW and src[0] is not None:
+            sources[eqn.outvars[0]] = src[0]
+        if name == "dot_general" and src[1] in wanted:
+            (lhs_c, rhs_c), (lhs_b, _) = eqn.params["dimension_numbers"]
+            x = ins[0]
+            if (
+                tuple(rhs_c) == (0,)
+                and tuple(lhs_c) == (x.ndim - 1,)
+                and not lhs_b
+                and ins[1].ndim == 2
+            ):
+                found.setdefault(src[1], []).append(x.reshape(-1, x.shape[-1]))
+        for v, value in zip(eqn.outvars, outs):
+            env[v] = value
+    return [read(v) for v in closed.jaxpr.outvars], found
+
+
+class _Layers(NamedTuple):
+    closed: Any
+    paths: list[str]
+    kernels: list[int]
+    """Leaf indices of the kernels, in the order the model first reads them."""
+
+
+def _find_layers(fn, params, example, include) -> _Layers:
+    closed = jax.make_jaxpr(lambda p, x: fn(p, *x))(params, example)
+    leaves = tree_util.tree_leaves_with_path(params)
+    paths = [_tree.path_str(p) for p, _ in leaves]
+    sources = {v: i for i, v in enumerate(closed.jaxpr.invars[: len(leaves)])}
+    flat = [
+        jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a))
+        for a in [a for _, a in leaves] + tree_util.tree_leaves(example)
+    ]
+    selected = _tree.leaf_selector(include)
+    candidates = {i for i, (p, a) in enumerate(leaves) if selected(p, a)}
+    order: list[int] = []
+
+    def trace(*flat_in):
+        _, found = _inputs_of_kernels(closed, list(flat_in), dict(sources), candidates)
+        order.extend(found)
+        return 0
+
+    jax.eval_shape(trace, *flat)
+    if include is not None:
+        missing = sorted(candidates - set(order))
+        if missing:
+            raise ValueError(
+                f"{paths[missing[0]]}: no layer reads this leaf as x @ kernel; "
+                "layer-wise pruning finds dense kernels (d_in, d_out)"
+            )
+    return _Layers(closed, paths, order)
+
+
+def _as_args(batch: Any) -> tuple:
+    return batch if isinstance(batch, tuple) else (batch,)
+
+
+def prune_layers(
+    fn: Callable[..., Any],
+    params: Params,
+    batches: Iterable[Any],
+    sparsity: float | None = None,
+    *,
+    pattern: Pattern = Element(),
+    method: Literal["sparsegpt", "obc"] = "sparsegpt",
+    order: Literal["sequential", "independent"] = "sequential",
+    damp: float = 0.01,
+    block_size: int = 128,
+    include: LeafSelector = None,
+) -> tuple[Params, Mask]:
+    """Prunes every dense layer of ``fn(params, *batch)`` by layer-wise OBS
+    reconstruction on calibration batches.
+
+    The layers are the 2-D parameter leaves the model reads as ``x @
+    kernel`` (found in its jaxpr, inside ``jit`` calls too). For each, ``H
+    = 2 X^T X / n`` is accumulated over the batches (one jitted pass), damped
+    by ``damp`` times its mean diagonal, and the kernel pruned by
+    :func:`sparsegpt_prune` or :func:`obc_prune`. ``order="sequential"``
+    calibrates each layer on the inputs the model gives once the layers
+    before it are pruned (a pass per layer, as SparseGPT does);
+    ``"independent"`` takes every layer's inputs from the dense model in
+    one pass.
+
+    Args:
+      fn: the model, ``fn(params, *batch)``.
+      params: its parameters (not modified).
+      batches: calibration inputs, each the model's arguments after params
+        (an array or a tuple); iterated once per pass.
+      sparsity: fraction of each kernel removed (not with N:M).
+      pattern: ``Element()`` or ``NM(n, m, axis=0)``.
+      method: ``"sparsegpt"`` or ``"obc"``.
+      order: ``"sequential"`` or ``"independent"``.
+      damp: fraction of the mean diagonal added to ``H``.
+      block_size: SparseGPT's lazy block.
+      include: which kernels (default: every 2-D float leaf read as a
+        kernel).
+
+    Returns:
+      ``(new_params, mask)``; the mask is ``True`` on leaves left alone.
+
+    Raises:
+      ValueError: a batch that does not fit the model, a selected leaf no
+        layer reads as a kernel, or a singular ``H`` (naming the layer).
+
+    References:
+      Frantar & Alistarh 2023, "SparseGPT", §3-4 (sequential calibration);
+      Frantar & Alistarh 2022, "Optimal Brain Compression".
+    """
+    if method not in ("sparsegpt", "obc"):
+        raise ValueError(f"method must be 'sparsegpt' or 'obc', got {method!r}")
+    if order not in ("sequential", "independent"):
+        raise ValueError(f"order must be 'sequential' or 'independent', got {order!r}")
+    batches = [_as_args(b) for b in batches]
+    if not batches:
+        raise ValueError("prune_layers needs at least one calibration batch")
+    try:
+        layers = _find_layers(fn, params, batches[0], include)
+    except (TypeError, ValueError) as err:
+        if "no layer reads" in str(err):
+            raise
+        raise ValueError(f"calibration batch 0 does not fit the model: {err}") from err
+    leaves, treedef = tree_util.tree_flatten(params)
+    leaves = list(leaves)
+    mask_leaves: list[Any] = [jnp.ones(a.shape, bool) for a in leaves]
+    n_params = len(leaves)
+
+    def hessians(current, wanted):
+        @jax.jit
+        def accumulate(accs, flat_params, flat_args):
+            _, found = _inputs_of_kernels(
+                layers.closed,
+                [*flat_params, *flat_args],
+                {v: i for i, v in enumerate(layers.closed.jaxpr.invars[:n_params])},
+                set(wanted),
+            )
+            return {
+                i: functools.reduce(hessian_update, found[i], accs[i]) for i in wanted
+            }
+
+        accs = {
+            i: hessian_init(current[i].shape[0], _work_dtype(current[i]))
+            for i in wanted
+        }
+        for j, batch in enumerate(batches):
+            flat_args = tree_util.tree_leaves(batch)
+            try:
+                accs = accumulate(accs, current, flat_args)
+            except (TypeError, ValueError) as err:
+                raise ValueError(
+                    f"calibration batch {j} does not fit the model: {err}"
+                ) from err
+        return accs
+
+    prune = sparsegpt_prune if method == "sparsegpt" else obc_prune
+    extra = {"block_size": block_size} if method == "sparsegpt" else {}
+    groups = (
+        [[i] for i in layers.kernels] if order == "sequential" else [layers.kernels]
+    )
+    for group in groups:
+        accs = hessians(leaves, group)
+        for i in group:
+            new, mask = prune(
+                leaves[i],
+                damped(accs[i], damp),
+                sparsity,
+                pattern=pattern,
+                path=layers.paths[i],
+                **extra,
+            )
+            leaves[i] = new
+            mask_leaves[i] = mask
+    return treedef.unflatten(leaves), treedef.unflatten(mask_leaves)

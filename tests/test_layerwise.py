@@ -224,3 +224,93 @@ def test_bad_input_names_the_layer(prune):
 def test_calibration_of_the_wrong_width_is_refused():
     with pytest.raises(ValueError, match="do not end in the layer's input width 8"):
         lw.hessian_update(lw.hessian_init(8), jnp.ones((4, 7)))
+
+
+def mlp_and_batches():
+    from jaxsparse.experiments.models import init_mlp, mlp
+
+    params = init_mlp(jax.random.key(0), (64, 32, 16, 8))
+    x = js.data.digits(0).x_train.astype(np.float64)
+    return mlp, params, [jnp.asarray(x[i : i + 200]) for i in range(0, 600, 200)]
+
+
+def hand_hessian(inputs):
+    x = np.concatenate([np.asarray(a) for a in inputs])
+    acc = lw.hessian_update(lw.hessian_init(x.shape[1], jnp.float64), jnp.asarray(x))
+    return lw.damped(acc, 0.01)
+
+
+@pytest.mark.parametrize("order", ["sequential", "independent"])
+def test_prune_layers_calibrates_each_layer_on_the_inputs_it_reads(order):
+    mlp, params, batches = mlp_and_batches()
+    new, mask = lw.prune_layers(mlp, params, batches, 0.5, order=order, block_size=16)
+    # By hand: each layer's inputs from the model as the order says (the
+    # layers before it pruned, or the dense model), then SparseGPT on them.
+    want = {k: dict(v) for k, v in params.items()}
+    reference = want if order == "sequential" else params
+    inputs = list(batches)
+    for i in range(3):
+        layer = f"dense_{i}"
+        kernel, kept = lw.sparsegpt_prune(
+            params[layer]["kernel"], hand_hessian(inputs), 0.5, block_size=16
+        )
+        np.testing.assert_allclose(new[layer]["kernel"], kernel, atol=1e-9)
+        np.testing.assert_array_equal(mask[layer]["kernel"], kept)
+        assert bool(jnp.all(mask[layer]["bias"]))
+        want[layer]["kernel"] = kernel
+        inputs = [
+            jax.nn.relu(x @ reference[layer]["kernel"] + reference[layer]["bias"][None])
+            for x in inputs
+        ]
+    np.testing.assert_array_equal(params["dense_0"]["kernel"] != 0, True)
+
+
+def test_prune_layers_n_m_obc_and_a_flax_model():
+    from flax import nnx
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.a = nnx.Linear(64, 32, rngs=rngs)
+            self.b = nnx.Linear(32, 8, rngs=rngs)
+
+        def __call__(self, x):
+            return self.b(jax.nn.relu(self.a(x)))
+
+    model = Net(nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+
+    def fn(state, x):
+        return nnx.merge(graphdef, state)(x)
+
+    _, _, batches = mlp_and_batches()
+    batches = [b.astype(jnp.float32) for b in batches]
+    new, mask = lw.prune_layers(
+        fn, state, batches, pattern=js.NM(2, 4, axis=0), method="obc"
+    )
+    for layer in ("a", "b"):
+        kept = np.asarray(mask[layer]["kernel"][...])
+        d_in = kept.shape[0]
+        assert np.all(kept.reshape(d_in // 4, 4, -1).sum(1) == 2)
+        assert np.all(np.asarray(new[layer]["kernel"][...])[~kept] == 0)
+    pruned = nnx.merge(graphdef, new)
+    out = jax.jit(lambda m, x: m(x))(pruned, batches[0])
+    assert out.shape == (200, 8) and bool(jnp.all(jnp.isfinite(out)))
+
+
+def test_prune_layers_refuses_bad_input_naming_the_layer():
+    mlp, params, batches = mlp_and_batches()
+    with pytest.raises(ValueError, match="calibration batch 0 does not fit"):
+        lw.prune_layers(mlp, params, [jnp.ones((5, 63))], 0.5)
+    with pytest.raises(ValueError, match="calibration batch 1 does not fit"):
+        lw.prune_layers(mlp, params, [batches[0], jnp.ones((5, 63))], 0.5)
+    with pytest.raises(ValueError, match="dense_0/bias: no layer reads this leaf"):
+        lw.prune_layers(mlp, params, batches, 0.5, include="bias")
+    # Pixels that are 0 in every digit make layer 0's H singular undamped.
+    with pytest.raises(ValueError, match="dense_0/kernel: H is singular"):
+        lw.prune_layers(mlp, params, batches, 0.5, damp=0.0)
+    with pytest.raises(ValueError, match="method must be"):
+        lw.prune_layers(mlp, params, batches, 0.5, method="obs")
+    with pytest.raises(ValueError, match="order must be"):
+        lw.prune_layers(mlp, params, batches, 0.5, order="random")
+    with pytest.raises(ValueError, match="at least one calibration batch"):
+        lw.prune_layers(mlp, params, [], 0.5)
