@@ -3,6 +3,7 @@
 Public modules: :mod:`~jaxsparse.masks`, :mod:`~jaxsparse.structure`,
 :mod:`~jaxsparse.groups` (units traced from a model, shrink),
 :mod:`~jaxsparse.neurons` (data-driven unit criteria),
+:mod:`~jaxsparse.layerwise` (OBC and SparseGPT from calibration inputs),
 :mod:`~jaxsparse.distribution`, :mod:`~jaxsparse.saliency`. The names most
 used are re-exported here.
 """
@@ -14,6 +15,7 @@ from jaxsparse import distribution as distribution
 from jaxsparse import fisher as fisher
 from jaxsparse import formats as formats
 from jaxsparse import groups as groups
+from jaxsparse import layerwise as layerwise
 from jaxsparse import masks as masks
 from jaxsparse import neurons as neurons
 from jaxsparse import obs as obs
@@ -112,6 +114,7 @@ __all__ = (
     "global_mask",
     "groups",
     "keep_masked",
+    "layerwise",
     "layerwise_mask",
     "masks",
     "neurons",

@@ -208,6 +208,19 @@ def obc_prune(
     Raises:
       ValueError: bad shapes, pattern or sparsity, or a singular ``H``.
 
+    Example:
+      Two inputs that always move together: removing the smaller weight
+      moves its contribution onto the other, so the outputs do not change.
+
+      >>> import jax.numpy as jnp
+      >>> from jaxsparse import layerwise
+      >>> x = jnp.array([[1.0, 1.0], [2.0, 2.0], [-1.0, -1.0]])
+      >>> acc = layerwise.hessian_update(layerwise.hessian_init(2), x)
+      >>> kernel = jnp.array([[3.0], [1.0]])
+      >>> new, mask = layerwise.obc_prune(kernel, layerwise.damped(acc, 1e-6), 0.5)
+      >>> new.round(3).tolist(), mask.tolist()
+      ([[4.0], [0.0]], [[True], [False]])
+
     References:
       Frantar & Alistarh 2022, Algorithm 1 (ExactOBS) and §4.
     """
