@@ -27,6 +27,7 @@ from jaxsparse._types import LossFn, Mask, Params, Scores, Sparsity
 from jaxsparse.blocks import BlockInverse
 from jaxsparse.curvature import hvp
 from jaxsparse.distribution import Distribution, Global, topk_mask
+from jaxsparse.fisher import MatrixFreeInverse, mfac_apply, mfac_diag, mfac_restrict
 
 
 def _check_covered(params: Params, tree: Any, name: str, shapes: bool = True) -> None:
@@ -157,9 +158,80 @@ def _obs_step(params, inverse, g, previous, sparsity, method, distribution):
     return new_params, mask, change
 
 
+def _mfac_step(params, inverse, g, previous, sparsity, distribution):
+    """One independent-OBS step over the whole model with an M-FAC inverse
+    (restricted to the survivors of earlier steps)."""
+    full = inverse
+    if previous is not None:
+        inverse = mfac_restrict(inverse, previous)
+    covered = inverse.selected
+
+    def on_covered(fn, *trees):
+        return tree_util.tree_map(
+            lambda c, *xs: None if c is None else fn(*xs),
+            covered,
+            *trees,
+            is_leaf=_tree.is_none,
+        )
+
+    diag = mfac_diag(inverse, params)
+    u = on_covered(jnp.zeros_like, params) if g is None else mfac_apply(inverse, g)
+    rho = on_covered(lambda w, u, d: jnp.square(w - u) / (2 * d), params, u, diag)
+    if previous is not None:
+        # Weights pruned by an earlier step rank lowest, so they stay pruned.
+        rho = on_covered(lambda r, m: jnp.where(m, r, -jnp.inf), rho, previous)
+    mask = topk_mask(
+        rho,
+        sparsity,
+        distribution=distribution,
+        include=lambda p, _: p in _covered_paths(covered),
+    )
+    # Q: the covered entries pruned now and not before.
+    if previous is None:
+        now = on_covered(jnp.logical_not, mask)
+    else:
+        now = on_covered(lambda m, p: ~m & p, mask, previous)
+    z = on_covered(
+        lambda q, w, u, d: jnp.where(q, (w - u) / d, 0.0), now, params, u, diag
+    )
+    fz = mfac_apply(inverse, z)
+    dw = on_covered(lambda q, w, u, f: jnp.where(q, -w, -u - f), now, params, u, fz)
+    if previous is not None:
+        # The restricted inverse is I / lambda on the pruned coordinates:
+        # they stay at 0 and take no part in the change.
+        dw = on_covered(lambda d, p: jnp.where(p, d, 0.0), dw, previous)
+    # The model's change under the full damped Fisher lambda I + G^T G / m.
+    flat = jnp.concatenate([jnp.ravel(x) for x in tree_util.tree_leaves(dw)])
+    gdw = full.grads @ flat
+    m = full.grads.shape[0]
+    change = 0.5 * (full.damping * jnp.vdot(flat, flat) + jnp.vdot(gdw, gdw) / m)
+    if g is not None:
+        change = change + sum(
+            jnp.vdot(a, b)
+            for a, b in zip(
+                tree_util.tree_leaves(on_covered(lambda x: x, g)),
+                tree_util.tree_leaves(dw),
+            )
+        )
+    new_params = tree_util.tree_map(
+        lambda x, m, d: x if m is None else jnp.where(m, x + d, jnp.zeros((), x.dtype)),
+        params,
+        mask,
+        on_covered(lambda d: d, dw),
+        is_leaf=_tree.is_none,
+    )
+    return new_params, mask, change
+
+
+def _covered_paths(covered) -> set:
+    return {p for p, c in _tree.leaves_with_path(covered) if c is not None}
+
+
 def obs_prune(
     params: Params,
-    inverse: BlockInverse | Callable[[Params], BlockInverse],
+    inverse: BlockInverse
+    | MatrixFreeInverse
+    | Callable[[Params], BlockInverse | MatrixFreeInverse],
     sparsity: Sparsity,
     *,
     method: Literal["joint", "independent"] = "joint",
@@ -191,8 +263,11 @@ def obs_prune(
 
     Args:
       params: the weights.
-      inverse: the block inverse of the (damped) curvature, or a function
-        returning it at given params (required when ``steps > 1``: it is
+      inverse: the block inverse of the (damped) curvature, an M-FAC
+        :class:`~jaxsparse.fisher.MatrixFreeInverse` of the whole model
+        (``method="independent"``; between steps it is restricted to the
+        survivors by dropping the pruned coordinates of its gradients), or
+        a function returning either at given params (required when ``steps > 1``: it is
         recomputed at the new weights between steps and conditioned on the
         weights pruned so far). A function that takes a ``mask`` keyword
         gets the current mask (``None`` at the first step) and may return
@@ -245,13 +320,24 @@ def obs_prune(
             inv = inverse(params, mask=mask)
         else:
             inv = inverse(params)
-        blocks.check_covers(inv, params)
         g = grads(params) if callable(grads) else grads
         if g is not None:
             _check_covered(params, g, "grads")
-        params, mask, change = _obs_step(
-            params, inv, g, mask, sparsity * step / steps, method, distribution
-        )
+        target = sparsity * step / steps
+        if isinstance(inv, MatrixFreeInverse):
+            if method != "independent":
+                raise ValueError(
+                    "an M-FAC inverse takes method='independent' (the joint "
+                    "update needs [H^-1]_QQ for the whole pruned set)"
+                )
+            params, mask, change = _mfac_step(
+                params, inv, g, mask, target, distribution
+            )
+        else:
+            blocks.check_covers(inv, params)
+            params, mask, change = _obs_step(
+                params, inv, g, mask, target, method, distribution
+            )
         total = total + change
     return OBSResult(params, mask, jnp.asarray(total))
 

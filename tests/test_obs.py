@@ -302,3 +302,69 @@ def test_k_step_obs_matches_brute_force_step_by_step(seed):
             constrained_minimum(a, w_star, greedy),
             atol=1e-9,
         )
+
+
+def fisher_problem(seed, m=5):
+    rng = np.random.default_rng(seed)
+    grads = {"w": jnp.asarray(rng.normal(size=(m, 2, 4)))}
+    g = np.asarray(grads["w"]).reshape(m, -1)
+    f = 0.1 * np.eye(N) + g.T @ g / m
+    return grads, f, as_params(rng.normal(size=N))
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+@pytest.mark.parametrize("with_grads", [False, True])
+def test_mfac_prunes_as_the_dense_inverse_does(steps, with_grads):
+    """M-FAC through obs_prune equals OBS with the dense inverse Fisher as
+    one block (independent updates; between steps both are restricted to
+    the survivors)."""
+    grads, f, params = fisher_problem(steps)
+    g = as_params(np.random.default_rng(9).normal(size=N)) if with_grads else None
+    mfac = js.fisher.mfac_inverse(grads, damping=0.1)
+    dense = BlockInverse({"w": jnp.asarray(np.linalg.inv(f))[None]}, N, 0.1)
+
+    def prune(inverse):
+        return obs.obs_prune(
+            params,
+            (lambda p: inverse) if steps > 1 else inverse,
+            5 / N,
+            method="independent",
+            steps=steps,
+            grads=g,
+        )
+
+    a, b = prune(mfac), prune(dense)
+    np.testing.assert_array_equal(a.mask["w"], b.mask["w"])
+    np.testing.assert_allclose(a.params["w"], b.params["w"], atol=1e-10)
+    assert float(a.predicted_increase) == pytest.approx(
+        float(b.predicted_increase), rel=1e-9
+    )
+    assert int((~a.mask["w"]).sum()) == 5
+
+
+def test_mfac_couples_leaves_across_the_whole_model():
+    rng = np.random.default_rng(3)
+    m = 6
+    grads = {
+        "a": {"kernel": jnp.asarray(rng.normal(size=(m, 3, 2)))},
+        "b": {"kernel": jnp.asarray(rng.normal(size=(m, 2, 2)))},
+    }
+    params = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape[1:])), grads)
+    res = obs.obs_prune(
+        params, js.fisher.mfac_inverse(grads, damping=0.2), 0.5, method="independent"
+    )
+    # numpy: one 10 x 10 inverse over both leaves, global ranking, the sum
+    # of single-weight updates.
+    g = np.concatenate([np.asarray(grads[k]["kernel"]).reshape(m, -1) for k in "ab"], 1)
+    hinv = np.linalg.inv(0.2 * np.eye(10) + g.T @ g / m)
+    w = np.concatenate([np.ravel(params[k]["kernel"]) for k in "ab"])
+    rho = w**2 / (2 * np.diag(hinv))
+    q = np.argsort(rho)[:5]
+    z = np.zeros(10)
+    z[q] = w[q] / np.diag(hinv)[q]
+    want = w - hinv @ z
+    want[q] = 0.0
+    got = np.concatenate([np.ravel(res.params[k]["kernel"]) for k in "ab"])
+    np.testing.assert_allclose(got, want, atol=1e-10)
+    with pytest.raises(ValueError, match="M-FAC inverse takes method='independent'"):
+        obs.obs_prune(params, js.fisher.mfac_inverse(grads, damping=0.2), 0.5)
