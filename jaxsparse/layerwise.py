@@ -384,13 +384,18 @@ def reconstruction_error(
 _FOLLOW = ("convert_element_type", "copy", "copy_p")
 
 
-def _inputs_of_kernels(closed, flat, sources: dict, wanted: set[int]) -> dict:
+def _inputs_of_kernels(
+    closed, flat, sources: dict, wanted: set[int], out_axes: dict | None = None
+) -> tuple[list, dict]:
     """Evaluates a jaxpr, recording for each wanted parameter leaf the
     activations it multiplies as ``x @ kernel`` (``{leaf: [inputs, ...]}``).
 
     ``sources`` maps the jaxpr's variables that are parameter leaves (or a
     dtype cast of one) to their leaf index; calls (``jit``) are entered.
+    Convolutions record their im2col rows. ``out_axes`` (if given) gets
+    each recorded kernel's output axis.
     """
+    out_axes = {} if out_axes is None else out_axes
     env: dict[Any, Any] = {}
     found: dict[int, list] = {}
 
@@ -412,7 +417,7 @@ def _inputs_of_kernels(closed, flat, sources: dict, wanted: set[int]) -> dict:
             inner_sources = {
                 iv: s for iv, s in zip(inner.jaxpr.invars, src) if s is not None
             }
-            outs, got = _inputs_of_kernels(inner, ins, inner_sources, wanted)
+            outs, got = _inputs_of_kernels(inner, ins, inner_sources, wanted, out_axes)
             for leaf, xs in got.items():
                 found.setdefault(leaf, []).extend(xs)
         else:
@@ -422,6 +427,11 @@ def _inputs_of_kernels(closed, flat, sources: dict, wanted: set[int]) -> dict:
             outs = ans if eqn.primitive.multiple_results else [ans]
         if name in _FOLLOW and src[0] is not None:
             sources[eqn.outvars[0]] = src[0]
+        if name == "conv_general_dilated" and src[1] in wanted:
+            patches = _conv_patches(ins[0], ins[1].shape, eqn.params)
+            if patches is not None:
+                found.setdefault(src[1], []).append(patches)
+                out_axes[src[1]] = eqn.params["dimension_numbers"][1][0]
         if name == "dot_general" and src[1] in wanted:
             (lhs_c, rhs_c), (lhs_b, _) = eqn.params["dimension_numbers"]
             x = ins[0]
@@ -432,9 +442,49 @@ def _inputs_of_kernels(closed, flat, sources: dict, wanted: set[int]) -> dict:
                 and ins[1].ndim == 2
             ):
                 found.setdefault(src[1], []).append(x.reshape(-1, x.shape[-1]))
+                out_axes[src[1]] = 1
         for v, value in zip(eqn.outvars, outs):
             env[v] = value
     return [read(v) for v in closed.jaxpr.outvars], found
+
+
+def _conv_patches(x, kernel_shape, params) -> jax.Array | None:
+    """The im2col rows of a convolution's input, their features in the order
+    of :func:`kernel_view`'s rows (``None`` for grouped convolutions)."""
+    if params["feature_group_count"] != 1 or params["batch_group_count"] != 1:
+        return None
+    lhs_spec, rhs_spec, _ = params["dimension_numbers"]
+    nchw = jnp.transpose(x, lhs_spec)
+    window = tuple(kernel_shape[a] for a in rhs_spec[2:])
+    patches = lax.conv_general_dilated_patches(
+        nchw,
+        window,
+        params["window_strides"],
+        params["padding"],
+        lhs_dilation=params["lhs_dilation"],
+        rhs_dilation=params["rhs_dilation"],
+    )
+    # (N, C * prod(window), *out) with features ordered (C, *window): put
+    # them last and in the kernel's own axis order.
+    rows = jnp.moveaxis(patches, 1, -1).reshape(-1, x.shape[lhs_spec[1]], *window)
+    labels = [rhs_spec[1], *rhs_spec[2:]]
+    order = sorted(range(len(labels)), key=lambda j: labels[j])
+    rows = jnp.transpose(rows, (0, *[1 + j for j in order]))
+    return rows.reshape(rows.shape[0], -1)
+
+
+def kernel_view(kernel: jax.Array, out_axis: int = -1) -> jax.Array:
+    """A kernel as ``(d_in, d_out)``: the output axis last, the others
+    flattened in their order (a dense kernel as it is; a conv ``HWIO``
+    kernel as ``(H * W * I, O)``, its rows matching the convolution's
+    im2col patches)."""
+    moved = jnp.moveaxis(kernel, out_axis, -1)
+    return moved.reshape(-1, moved.shape[-1])
+
+
+def _from_view(view: jax.Array, kernel: jax.Array, out_axis: int) -> jax.Array:
+    moved = jnp.moveaxis(kernel, out_axis, -1)
+    return jnp.moveaxis(view.reshape(moved.shape), -1, out_axis)
 
 
 class _Layers(NamedTuple):
@@ -442,6 +492,8 @@ class _Layers(NamedTuple):
     paths: list[str]
     kernels: list[int]
     """Leaf indices of the kernels, in the order the model first reads them."""
+    out_axes: dict[int, int]
+    """Each kernel's output axis (1 for dense kernels)."""
 
 
 def _find_layers(fn, params, example, include) -> _Layers:
@@ -456,9 +508,12 @@ def _find_layers(fn, params, example, include) -> _Layers:
     selected = _tree.leaf_selector(include)
     candidates = {i for i, (p, a) in enumerate(leaves) if selected(p, a)}
     order: list[int] = []
+    out_axes: dict[int, int] = {}
 
     def trace(*flat_in):
-        _, found = _inputs_of_kernels(closed, list(flat_in), dict(sources), candidates)
+        _, found = _inputs_of_kernels(
+            closed, list(flat_in), dict(sources), candidates, out_axes
+        )
         order.extend(found)
         return 0
 
@@ -468,9 +523,9 @@ def _find_layers(fn, params, example, include) -> _Layers:
         if missing:
             raise ValueError(
                 f"{paths[missing[0]]}: no layer reads this leaf as x @ kernel; "
-                "layer-wise pruning finds dense kernels (d_in, d_out)"
+                "layer-wise pruning finds dense and (ungrouped) conv kernels"
             )
-    return _Layers(closed, paths, order)
+    return _Layers(closed, paths, order, out_axes)
 
 
 def _as_args(batch: Any) -> tuple:
@@ -493,8 +548,11 @@ def prune_layers(
     """Prunes every dense layer of ``fn(params, *batch)`` by layer-wise OBS
     reconstruction on calibration batches.
 
-    The layers are the 2-D parameter leaves the model reads as ``x @
-    kernel`` (found in its jaxpr, inside ``jit`` calls too). For each, ``H
+    The layers are the parameter leaves the model reads as ``x @ kernel``
+    or as a convolution's kernel (found in its jaxpr, inside ``jit`` calls
+    too); a convolution is pruned in its im2col view (:func:`kernel_view`:
+    rows ``H * W * I`` of an ``HWIO`` kernel, so N:M runs along the input
+    channels). For each, ``H
     = 2 X^T X / n`` is accumulated over the batches (one jitted pass), damped
     by ``damp`` times its mean diagonal, and the kernel pruned by
     :func:`sparsegpt_prune` or :func:`obc_prune`. ``order="sequential"``
@@ -560,7 +618,10 @@ def prune_layers(
             }
 
         accs = {
-            i: hessian_init(current[i].shape[0], _work_dtype(current[i]))
+            i: hessian_init(
+                kernel_view(current[i], layers.out_axes[i]).shape[0],
+                _work_dtype(current[i]),
+            )
             for i in wanted
         }
         for j, batch in enumerate(batches):
@@ -581,14 +642,15 @@ def prune_layers(
     for group in groups:
         accs = hessians(leaves, group)
         for i in group:
+            axis = layers.out_axes[i]
             new, mask = prune(
-                leaves[i],
+                kernel_view(leaves[i], axis),
                 damped(accs[i], damp),
                 sparsity,
                 pattern=pattern,
                 path=layers.paths[i],
                 **extra,
             )
-            leaves[i] = new
-            mask_leaves[i] = mask
+            leaves[i] = _from_view(new, leaves[i], axis)
+            mask_leaves[i] = _from_view(mask, mask_leaves[i], axis)
     return treedef.unflatten(leaves), treedef.unflatten(mask_leaves)

@@ -314,3 +314,103 @@ def test_prune_layers_refuses_bad_input_naming_the_layer():
         lw.prune_layers(mlp, params, batches, 0.5, order="random")
     with pytest.raises(ValueError, match="at least one calibration batch"):
         lw.prune_layers(mlp, params, [], 0.5)
+
+
+def test_conv_rows_are_numpy_im2col_in_the_kernel_view_order():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 5, 6, 3))  # NHWC
+    kernel = rng.normal(size=(2, 3, 3, 4))  # HWIO
+
+    def model(p, x):
+        return jax.lax.conv_general_dilated(
+            x, p["k"], (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+
+    closed = jax.make_jaxpr(model)({"k": kernel}, x)
+    eqn = next(e for e in closed.jaxpr.eqns if e.primitive.name.startswith("conv"))
+    rows = np.asarray(lw._conv_patches(jnp.asarray(x), kernel.shape, eqn.params))
+    want = [
+        x[n, i : i + 2, j : j + 3, :].ravel()  # (H, W, I) order
+        for n in range(2)
+        for i in range(4)
+        for j in range(4)
+    ]
+    np.testing.assert_allclose(rows, np.stack(want), atol=1e-12)
+    np.testing.assert_allclose(
+        np.asarray(lw.kernel_view(jnp.asarray(kernel))), kernel.reshape(18, 4)
+    )
+
+
+@pytest.mark.parametrize(
+    "dims,strides,padding,dilation",
+    [
+        (("NHWC", "HWIO", "NHWC"), (2, 1), "SAME", (1, 1)),
+        (("NCHW", "OIHW", "NCHW"), (1, 2), "VALID", (2, 1)),
+    ],
+)
+def test_conv_rows_times_the_view_is_the_convolution(dims, strides, padding, dilation):
+    rng = np.random.default_rng(1)
+    lhs_shape = (2, 7, 6, 3) if dims[0] == "NHWC" else (2, 3, 7, 6)
+    k_shape = (3, 2, 3, 5) if dims[1] == "HWIO" else (5, 3, 3, 2)
+    x, kernel = jnp.asarray(rng.normal(size=lhs_shape)), rng.normal(size=k_shape)
+
+    def model(p, x):
+        return jax.lax.conv_general_dilated(
+            x, p["k"], strides, padding, rhs_dilation=dilation, dimension_numbers=dims
+        )
+
+    out = model({"k": jnp.asarray(kernel)}, x)
+    closed = jax.make_jaxpr(model)({"k": kernel}, x)
+    eqn = next(e for e in closed.jaxpr.eqns if e.primitive.name.startswith("conv"))
+    rows = lw._conv_patches(x, kernel.shape, eqn.params)
+    axis = eqn.params["dimension_numbers"][1][0]
+    flat_out = jnp.moveaxis(out, dims[2].index("C"), -1).reshape(-1, 5)
+    np.testing.assert_allclose(
+        rows @ lw.kernel_view(jnp.asarray(kernel), axis), flat_out, atol=1e-10
+    )
+
+
+def test_prune_layers_prunes_convolutions_in_their_im2col_view():
+    from jaxsparse.experiments.models import init_lenet5, lenet5
+
+    params = init_lenet5(jax.random.key(0), 8, 10)
+    x = jnp.asarray(js.data.digits(0).x_train[:300], jnp.float64)
+    new, mask = lw.prune_layers(
+        lenet5,
+        params,
+        [x],
+        include="(conv_1|dense_.)/kernel",
+        pattern=js.NM(2, 4, axis=0),
+    )
+    assert bool(jnp.all(mask["conv_0"]["kernel"]))  # left out by include
+    kept = np.asarray(mask["conv_1"]["kernel"])  # (5, 5, 20, 50): 2 of 4 channels
+    assert np.all(kept.reshape(5, 5, 5, 4, 50).sum(3) == 2)
+    # By hand: SparseGPT on conv_1's view with H from its im2col rows
+    # (conv_0 is left alone, so conv_1 reads the dense model's activations).
+    closed = jax.make_jaxpr(lenet5)(params, x)
+    convs = [e for e in closed.jaxpr.eqns if e.primitive.name.startswith("conv")]
+    first = (
+        jax.lax.conv_general_dilated(
+            x.reshape(-1, 8, 8, 1),
+            params["conv_0"]["kernel"],
+            (1, 1),
+            "SAME",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
+        + params["conv_0"]["bias"][None, None, None]
+    )
+    pooled = jax.lax.reduce_window(
+        first, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID"
+    )
+    rows = lw._conv_patches(pooled, (5, 5, 20, 50), convs[1].params)
+    acc = lw.hessian_update(lw.hessian_init(500, jnp.float64), rows)
+    want, _ = lw.sparsegpt_prune(
+        lw.kernel_view(params["conv_1"]["kernel"]),
+        lw.damped(acc),
+        pattern=js.NM(2, 4, axis=0),
+    )
+    np.testing.assert_allclose(
+        np.asarray(lw.kernel_view(new["conv_1"]["kernel"])), want, atol=1e-5
+    )
+    with pytest.raises(ValueError, match="conv_0/kernel: 25 inputs are not divisible"):
+        lw.prune_layers(lenet5, params, [x], pattern=js.NM(2, 4, axis=0))
