@@ -45,6 +45,8 @@ def test_every_method_runs_and_prunes_exactly(monkeypatch):
         second_order.run_second_order([0], [1.0])
 
 
+# About 170 s; test_obs's k-step brute-force test guards every step by default.
+@pytest.mark.slow
 def test_multi_step_woodfisher_on_digits_beats_magnitude_by_far():
     """Regression for multi-step OBS scoring survivors with the full inverse:
     MLP 64-40-20-10, global selection over the kernels, Fisher blocks of 640,

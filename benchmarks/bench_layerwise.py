@@ -1,0 +1,179 @@
+"""One-shot pruning without fine-tuning on the digits, side by side:
+magnitude, OBD, block WoodFisher, M-FAC, OBC and SparseGPT (unstructured),
+and magnitude, OBC and SparseGPT at 2:4; test accuracy and wall time.
+
+    python benchmarks/bench_layerwise.py [--seed 0] [--sparsities 0.5 0.7 ...]
+
+Models: an MLP 64-256-128-10 (60 epochs) and LeNet-5 on 8x8 digits (30
+epochs), Adam 1e-3, batch 64. Every method prunes each kernel to the same
+fraction (uniform); OBC and SparseGPT calibrate on 512 training digits in
+sequence, layer after layer; OBD uses the exact Hessian diagonal, block
+WoodFisher empirical-Fisher blocks of 64 (joint OBS), M-FAC the whole
+model's inverse empirical Fisher of 512 per-example gradients (independent
+OBS); both Fisher dampings are the mean diagonal. At 2:4 the first
+convolution (25 inputs per output, not a multiple of 4) stays dense for
+every method. Times are the median over sparsities of one prune (its
+curvature or calibration included), after a first call that compiles.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import jaxsparse as js
+from jaxsparse import curvature as cv
+from jaxsparse import fisher, layerwise, obs
+from jaxsparse.experiments.models import init_lenet5, init_mlp, lenet5, mlp
+
+
+def train(apply, params, split, epochs, seed):
+    def loss(p, x, y):
+        return optax.softmax_cross_entropy_with_integer_labels(apply(p, x), y).mean()
+
+    adam = optax.adam(1e-3)
+    state = adam.init(params)
+    x, y = jnp.asarray(split.x_train), jnp.asarray(split.y_train)
+    steps = len(y) // 64
+
+    @jax.jit
+    def epoch(params, state, key):
+        order = jax.random.permutation(key, len(y))[: steps * 64].reshape(steps, 64)
+
+        def step(carry, idx):
+            p, s = carry
+            g = jax.grad(loss)(p, x[idx], y[idx])
+            u, s = adam.update(g, s, p)
+            return (optax.apply_updates(p, u), s), None
+
+        return jax.lax.scan(step, (params, state), order)[0]
+
+    key = jax.random.key(seed)
+    for e in range(epochs):
+        params, state = epoch(params, state, jax.random.fold_in(key, e))
+    return params, loss
+
+
+def accuracy(apply, params, split):
+    logits = apply(params, jnp.asarray(split.x_test))
+    return float(jnp.mean(jnp.argmax(logits, -1) == jnp.asarray(split.y_test)))
+
+
+def mean_diagonal(tree):
+    return float(np.mean(np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])))
+
+
+def methods(apply, loss, params, split):
+    x, y = jnp.asarray(split.x_train[:512]), jnp.asarray(split.y_train[:512])
+    uniform = js.Uniform()
+    nm = js.NM(2, 4, axis=0)
+    nm_include = None if apply is mlp else r"(conv_1|dense_\d)/kernel"
+
+    def magnitude(s):
+        return js.apply_mask(params, js.topk_mask(js.saliency.magnitude(params), s))
+
+    def magnitude_nm(s):
+        del s
+
+        def keep(layer, name, v):
+            if name != "kernel" or (nm_include is not None and layer == "conv_0"):
+                return jnp.ones(v.shape, bool)
+            # Both kernels keep the output axis last: the view's rows are
+            # the inputs (H * W * I for a convolution).
+            return nm.keep(jnp.abs(layerwise.kernel_view(v))).reshape(v.shape)
+
+        masks = {
+            layer: {k: keep(layer, k, v) for k, v in leaves.items()}
+            for layer, leaves in params.items()
+        }
+        return js.apply_mask(params, masks)
+
+    def obd(s):
+        diag = cv.hessian_diag(loss, params, x, y)
+        return js.apply_mask(
+            params,
+            js.topk_mask(obs.obd_saliency(params, diag), s, distribution=uniform),
+        )
+
+    def woodfisher(s):
+        per = fisher.per_example_grads(loss, params, x, y)
+        damping = mean_diagonal(fisher.fisher_diag(per))
+        inverse = fisher.fisher_inverse(per, block_size=64, damping=damping)
+        return obs.obs_prune(params, inverse, s, distribution=uniform).params
+
+    def mfac(s):
+        per = fisher.per_example_grads(loss, params, x, y)
+        damping = mean_diagonal(fisher.fisher_diag(per))
+        inverse = fisher.mfac_inverse(per, damping=damping)
+        return obs.obs_prune(
+            params, inverse, s, method="independent", distribution=uniform
+        ).params
+
+    def layer(method, pattern=js.Element(), include=None):
+        def prune(s):
+            return layerwise.prune_layers(
+                apply,
+                params,
+                [x],
+                None if isinstance(pattern, js.NM) else s,
+                pattern=pattern,
+                method=method,
+                include=include,
+                block_size=64,
+            )[0]
+
+        return prune
+
+    return {
+        "magnitude": (magnitude, False),
+        "OBD": (obd, False),
+        "WoodFisher (blocks of 64)": (woodfisher, False),
+        "M-FAC (whole model)": (mfac, False),
+        "OBC": (layer("obc"), False),
+        "SparseGPT": (layer("sparsegpt"), False),
+        "magnitude 2:4": (magnitude_nm, True),
+        "OBC 2:4": (layer("obc", nm, nm_include), True),
+        "SparseGPT 2:4": (layer("sparsegpt", nm, nm_include), True),
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--sparsities", type=float, nargs="+", default=[0.5, 0.7, 0.8, 0.9, 0.95]
+    )
+    args = parser.parse_args()
+    split = js.data.digits(args.seed)
+    key = jax.random.key(args.seed)
+    models = {
+        "MLP 64-256-128-10": (mlp, init_mlp(key, (64, 256, 128, 10)), 60),
+        "LeNet-5 (8x8)": (lenet5, init_lenet5(key, 8, 10), 30),
+    }
+    for name, (apply, params, epochs) in models.items():
+        params, loss = train(apply, params, split, epochs, args.seed)
+        print(f"\n{name}: dense test accuracy {accuracy(apply, params, split):.2%}")
+        header = " ".join(f"{s:>7.0%}" for s in args.sparsities)
+        print(f"{'method':<27} {header}  {'median time':>11}")
+        for label, (prune, fixed) in methods(apply, loss, params, split).items():
+            targets = [0.5] if fixed else args.sparsities
+            prune(targets[0])  # compile
+            cells, times = [], []
+            for s in targets:
+                start = time.perf_counter()
+                pruned = jax.block_until_ready(prune(s))
+                times.append(time.perf_counter() - start)
+                cells.append(f"{accuracy(apply, pruned, split):>7.2%}")
+            if fixed:
+                cells = [cells[0]] + ["" for _ in args.sparsities[1:]]
+                cells = [f"{c:>7}" for c in cells]
+            print(f"{label:<27} {' '.join(cells)}  {np.median(times) * 1e3:>9.0f} ms")
+
+
+if __name__ == "__main__":
+    main()
