@@ -70,7 +70,8 @@ def layer_cost(width: int, tokens: int) -> None:
     t_prune = timed(prune)
     # The jitted core of sparsegpt_prune, whose compiled memory is the cost.
     solve = layerwise._sparsegpt_solve
-    memory = solve.lower(w, h, 0.5, js.Element(), 128).compile().memory_analysis()
+    fraction = jnp.asarray(0.5, jnp.float32)
+    memory = solve.lower(w, h, fraction, js.Element(), 128).compile().memory_analysis()
     peak = memory.temp_size_in_bytes + memory.argument_size_in_bytes
     print(
         f"width {width:>4} (kernel {width}x{4 * width}, {tokens} tokens): forward "

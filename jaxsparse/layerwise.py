@@ -233,12 +233,14 @@ def obc_prune(
         _need_sparsity(sparsity, path)
         group, keep = kernel.shape[0], 0
     k = _pruned_count(kernel.shape[0], sparsity, pattern)
+    k = jnp.asarray(k, jnp.int32)
     new, mask, ok = _obc_solve(kernel, hessian, k, group, keep, columns_at_once)
     _check_definite(ok, path)
     return new, mask
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
+# The count k is traced: one compilation serves every sparsity.
+@functools.partial(jax.jit, static_argnums=(3, 4, 5))
 def _obc_solve(kernel, hessian, k, group, keep, columns_at_once):
     dtype = _work_dtype(kernel)
     hinv, ok = _inverse(hessian.astype(dtype))
@@ -251,13 +253,13 @@ def _obc_solve(kernel, hessian, k, group, keep, columns_at_once):
     return new.T.astype(kernel.dtype), mask.T, ok
 
 
-def _block_mask(w1, diag1, pruned: int):
+def _block_mask(w1, diag1, pruned: jax.Array):
     """Entries of the block (d_out, B) to prune: the ``pruned`` of least
-    ``w^2 / d^2`` over the whole block (SparseGPT's adaptive mask)."""
+    ``w^2 / d^2`` over the whole block (SparseGPT's adaptive mask; ties go
+    to the earlier entry)."""
     score = (jnp.square(w1) / jnp.square(diag1)[None, :]).ravel()
-    order = jnp.argsort(score, stable=True)
-    flat = jnp.zeros(score.shape, bool).at[order[:pruned]].set(True)
-    return flat.reshape(w1.shape)
+    rank = jnp.argsort(jnp.argsort(score, stable=True), stable=True)
+    return (rank < pruned.astype(rank.dtype)).reshape(w1.shape)
 
 
 def _nm_mask(w_group, diag_group, n: int):
@@ -317,12 +319,14 @@ def sparsegpt_prune(
             )
     else:
         _need_sparsity(sparsity, path)
-    new, mask, ok = _sparsegpt_solve(kernel, hessian, sparsity, pattern, block_size)
+    fraction = jnp.asarray(0.0 if sparsity is None else sparsity, jnp.float32)
+    new, mask, ok = _sparsegpt_solve(kernel, hessian, fraction, pattern, block_size)
     _check_definite(ok, path)
     return new, mask
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+# The sparsity is traced: one compilation serves every sparsity.
+@functools.partial(jax.jit, static_argnums=(3, 4))
 def _sparsegpt_solve(kernel, hessian, sparsity, pattern, block_size):
     d_in = kernel.shape[0]
     dtype = _work_dtype(kernel)
@@ -338,7 +342,7 @@ def _sparsegpt_solve(kernel, hessian, sparsity, pattern, block_size):
         if isinstance(pattern, NM):
             mask1 = jnp.zeros(w1.shape, bool)
         else:
-            mask1 = _block_mask(w1, diag1, round(sparsity * w1.size))
+            mask1 = _block_mask(w1, diag1, jnp.round(sparsity * w1.size))
 
         def visit(i, carry, u1=u1, diag1=diag1):
             w1, mask1, err1 = carry
