@@ -180,11 +180,9 @@ def _mfac_step(params, inverse, g, previous, sparsity, distribution):
     if previous is not None:
         # Weights pruned by an earlier step rank lowest, so they stay pruned.
         rho = on_covered(lambda r, m: jnp.where(m, r, -jnp.inf), rho, previous)
+    paths = {p for p, c in _tree.leaves_with_path(covered) if c is not None}
     mask = topk_mask(
-        rho,
-        sparsity,
-        distribution=distribution,
-        include=lambda p, _: p in _covered_paths(covered),
+        rho, sparsity, distribution=distribution, include=lambda p, _: p in paths
     )
     # Q: the covered entries pruned now and not before.
     if previous is None:
@@ -221,10 +219,6 @@ def _mfac_step(params, inverse, g, previous, sparsity, distribution):
         is_leaf=_tree.is_none,
     )
     return new_params, mask, change
-
-
-def _covered_paths(covered) -> set:
-    return {p for p, c in _tree.leaves_with_path(covered) if c is not None}
 
 
 def obs_prune(
