@@ -11,8 +11,9 @@ sequence, layer after layer; OBD uses the exact Hessian diagonal, block
 WoodFisher empirical-Fisher blocks of 64 (joint OBS), M-FAC the whole
 model's inverse empirical Fisher of 512 per-example gradients (independent
 OBS); both Fisher dampings are the mean diagonal; OBD's exact diagonal
-is taken on 128 of those digits. At 2:4 the first convolution (25 inputs
-per output, not a multiple of 4) stays dense for every method. "median
+is taken on 128 of those digits (``--obd-examples``). At 2:4 the first
+convolution (25 inputs per output, not a multiple of 4) stays dense for
+every method. "median
 time" is one prune (OBC and SparseGPT: their calibration included) after a
 first call that compiles; "curvature" is the one-off time of OBD's
 diagonal, WoodFisher's blocks and M-FAC's factor, shared by every
@@ -71,7 +72,7 @@ def mean_diagonal(tree):
     return float(np.mean(np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])))
 
 
-def methods(apply, loss, params, split):
+def methods(apply, loss, params, split, obd_examples=128):
     x, y = jnp.asarray(split.x_train[:512]), jnp.asarray(split.y_train[:512])
     uniform = js.Uniform()
     nm = js.NM(2, 4, axis=0)
@@ -98,7 +99,9 @@ def methods(apply, loss, params, split):
 
     # The curvature each method needs, once (its time is reported apart).
     start = time.perf_counter()
-    diag = jax.block_until_ready(cv.hessian_diag(loss, params, x[:128], y[:128]))
+    diag = jax.block_until_ready(
+        cv.hessian_diag(loss, params, x[:obd_examples], y[:obd_examples])
+    )
     setup = {"OBD": time.perf_counter() - start}
     start = time.perf_counter()
     per = fisher.per_example_grads(loss, params, x, y)
@@ -157,19 +160,24 @@ def main():
     parser.add_argument(
         "--sparsities", type=float, nargs="+", default=[0.5, 0.7, 0.8, 0.9, 0.95]
     )
+    parser.add_argument("--models", nargs="+", default=["mlp", "lenet-5"])
+    parser.add_argument(
+        "--obd-examples", type=int, default=128, help="digits in OBD's exact diagonal"
+    )
     args = parser.parse_args()
     split = js.data.digits(args.seed)
     key = jax.random.key(args.seed)
     models = {
-        "MLP 64-256-128-10": (mlp, init_mlp(key, (64, 256, 128, 10)), 60),
-        "LeNet-5 (8x8)": (lenet5, init_lenet5(key, 8, 10), 30),
+        "mlp": ("MLP 64-256-128-10", mlp, init_mlp(key, (64, 256, 128, 10)), 60),
+        "lenet-5": ("LeNet-5 (8x8)", lenet5, init_lenet5(key, 8, 10), 30),
     }
-    for name, (apply, params, epochs) in models.items():
+    for choice in args.models:
+        name, apply, params, epochs = models[choice]
         params, loss = train(apply, params, split, epochs, args.seed)
         print(f"\n{name}: dense test accuracy {accuracy(apply, params, split):.2%}")
         header = " ".join(f"{s:>7.0%}" for s in args.sparsities)
         print(f"{'method':<27} {header}  {'median time':>11}  curvature")
-        setup, table = methods(apply, loss, params, split)
+        setup, table = methods(apply, loss, params, split, args.obd_examples)
         for label, (prune, fixed) in table.items():
             targets = [0.5] if fixed else args.sparsities
             prune(targets[0])  # compile
