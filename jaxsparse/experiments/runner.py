@@ -169,10 +169,6 @@ def _accuracy(apply, params, x, y) -> float:
     return correct / len(y)
 
 
-def _layer_sparsity(params) -> dict[str, float]:
-    return {leaf.path: leaf.sparsity for leaf in js.sparsity_report(params).leaves}
-
-
 @dataclasses.dataclass(frozen=True)
 class Job:
     """One run of a config: a method at one target sparsity and seed."""
@@ -239,7 +235,7 @@ def train(
     checkpoint_dir: Path | None = None,
     stop_at_step: int | None = None,
     report: Callable[[dict[str, Any]], None] = lambda _: None,
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
     """Trains one method at one sparsity and seed; returns its result row.
 
     Args:
@@ -320,6 +316,7 @@ def train(
             return None
     params = state["params"]
     acc = _accuracy(apply, params, x_test, y_test)
+    sparsity = js.sparsity_report(params)
     return {
         "method": job.method.name,
         "kind": job.method.method,
@@ -328,11 +325,11 @@ def train(
         "sparsity": float(js.sparsity(params)),
         "accuracy": acc,
         "error": 1.0 - acc,
-        "nonzeros": js.sparsity_report(params).nonzeros,
-        "size": js.sparsity_report(params).size,
+        "nonzeros": sparsity.nonzeros,
+        "size": sparsity.size,
         "steps": total,
         "seconds": time.perf_counter() - start,
-        "layers": _layer_sparsity(params),
+        "layers": {leaf.path: leaf.sparsity for leaf in sparsity.leaves},
         "history": history,
         "params": params,
     }
