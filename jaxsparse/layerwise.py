@@ -432,7 +432,7 @@ def _inputs_of_kernels(
         if name in _FOLLOW and src[0] is not None:
             sources[eqn.outvars[0]] = src[0]
         if name == "conv_general_dilated" and src[1] in wanted:
-            patches = _conv_patches(ins[0], ins[1].shape, eqn.params)
+            patches = conv_rows(ins[0], ins[1].shape, eqn.params)
             if patches is not None:
                 found.setdefault(src[1], []).append(patches)
                 out_axes[src[1]] = eqn.params["dimension_numbers"][1][0]
@@ -452,9 +452,22 @@ def _inputs_of_kernels(
     return [read(v) for v in closed.jaxpr.outvars], found
 
 
-def _conv_patches(x, kernel_shape, params) -> jax.Array | None:
-    """The im2col rows of a convolution's input, their features in the order
-    of :func:`kernel_view`'s rows (``None`` for grouped convolutions)."""
+def conv_rows(
+    x: jax.Array, kernel_shape: tuple[int, ...], params: dict[str, Any]
+) -> jax.Array | None:
+    """The im2col rows of a convolution's input: one row per output position,
+    its features in the order of :func:`kernel_view`'s rows, so that the
+    convolution equals ``conv_rows(x, ...) @ kernel_view(kernel, out_axis)``.
+
+    Args:
+      x: the convolution's input (``lhs``).
+      kernel_shape: the kernel's shape.
+      params: the ``conv_general_dilated`` equation's parameters (window
+        strides, padding, dilations, dimension numbers), as in a jaxpr.
+
+    Returns:
+      ``(positions, d_in)``, or ``None`` for a grouped convolution.
+    """
     if params["feature_group_count"] != 1 or params["batch_group_count"] != 1:
         return None
     lhs_spec, rhs_spec, _ = params["dimension_numbers"]

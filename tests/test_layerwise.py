@@ -328,7 +328,7 @@ def test_conv_rows_are_numpy_im2col_in_the_kernel_view_order():
 
     closed = jax.make_jaxpr(model)({"k": kernel}, x)
     eqn = next(e for e in closed.jaxpr.eqns if e.primitive.name.startswith("conv"))
-    rows = np.asarray(lw._conv_patches(jnp.asarray(x), kernel.shape, eqn.params))
+    rows = np.asarray(lw.conv_rows(jnp.asarray(x), kernel.shape, eqn.params))
     want = [
         x[n, i : i + 2, j : j + 3, :].ravel()  # (H, W, I) order
         for n in range(2)
@@ -362,7 +362,7 @@ def test_conv_rows_times_the_view_is_the_convolution(dims, strides, padding, dil
     out = model({"k": jnp.asarray(kernel)}, x)
     closed = jax.make_jaxpr(model)({"k": kernel}, x)
     eqn = next(e for e in closed.jaxpr.eqns if e.primitive.name.startswith("conv"))
-    rows = lw._conv_patches(x, kernel.shape, eqn.params)
+    rows = lw.conv_rows(x, kernel.shape, eqn.params)
     axis = eqn.params["dimension_numbers"][1][0]
     flat_out = jnp.moveaxis(out, dims[2].index("C"), -1).reshape(-1, 5)
     np.testing.assert_allclose(
@@ -402,7 +402,7 @@ def test_prune_layers_prunes_convolutions_in_their_im2col_view():
     pooled = jax.lax.reduce_window(
         first, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID"
     )
-    rows = lw._conv_patches(pooled, (5, 5, 20, 50), convs[1].params)
+    rows = lw.conv_rows(pooled, (5, 5, 20, 50), convs[1].params)
     acc = lw.hessian_update(lw.hessian_init(500, jnp.float64), rows)
     want, _ = lw.sparsegpt_prune(
         lw.kernel_view(params["conv_1"]["kernel"]),
