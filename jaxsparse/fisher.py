@@ -169,6 +169,19 @@ def woodbury_update(
     return dataclasses.replace(inverse, blocks=split(lax.scan(step, a, chunks)[0]))
 
 
+def _kept_grads(grads: Params, mask: Mask) -> Params:
+    """Per-example gradients with the masked-out coordinates set to 0 (the
+    Fisher of the kept entries only)."""
+    one = tree_util.tree_map(lambda g: g[0], grads)
+    _tree.check_same_tree(one, mask, name="mask", ref_name="params")
+    return tree_util.tree_map(
+        lambda m, g: g if m is None else jnp.where(m[None], g, jnp.zeros((), g.dtype)),
+        mask,
+        grads,
+        is_leaf=_tree.is_none,
+    )
+
+
 def fisher_inverse(
     grads: Params,
     *,
@@ -215,16 +228,7 @@ def fisher_inverse(
         raise ValueError(f"method must be auto, woodbury or cholesky, got {method!r}")
     n = tree_util.tree_leaves(grads)[0].shape[0]
     if mask is not None:
-        one = tree_util.tree_map(lambda g: g[0], grads)
-        _tree.check_same_tree(one, mask, name="mask", ref_name="params")
-        grads = tree_util.tree_map(
-            lambda m, g: (
-                g if m is None else jnp.where(m[None], g, jnp.zeros((), g.dtype))
-            ),
-            mask,
-            grads,
-            is_leaf=_tree.is_none,
-        )
+        grads = _kept_grads(grads, mask)
     if method == "auto":
         method = "cholesky" if n >= block_size else "woodbury"
     if method == "woodbury":
@@ -338,15 +342,7 @@ def mfac_inverse(
     _tree.check_positive(damping, "damping")
     one = tree_util.tree_map(lambda g: g[0], grads)
     if mask is not None:
-        _tree.check_same_tree(one, mask, name="mask", ref_name="params")
-        grads = tree_util.tree_map(
-            lambda m, g: (
-                g if m is None else jnp.where(m[None], g, jnp.zeros((), g.dtype))
-            ),
-            mask,
-            grads,
-            is_leaf=_tree.is_none,
-        )
+        grads = _kept_grads(grads, mask)
     selected = _tree.map_selected(lambda _, x: True, one, include)
     leaves = _covered(grads, selected)
     if not leaves:
