@@ -94,7 +94,7 @@ def _work_dtype(x: jax.Array) -> jnp.dtype:
     return jnp.float64 if x.dtype == jnp.float64 else jnp.float32
 
 
-def _check_layer(kernel, h, pattern, path):
+def _check_layer(kernel, h, sparsity, pattern, path):
     if kernel.ndim != 2:
         raise ValueError(f"{path}: a kernel (d_in, d_out) is 2-D, got {kernel.shape}")
     if h.shape != (kernel.shape[0],) * 2:
@@ -112,7 +112,11 @@ def _check_layer(kernel, h, pattern, path):
             raise ValueError(
                 f"{path}: {kernel.shape[0]} inputs are not divisible by m={pattern.m}"
             )
-    elif not isinstance(pattern, Element):
+        if sparsity is not None:
+            raise ValueError(f"{path}: N:M fixes the sparsity; leave sparsity out")
+    elif isinstance(pattern, Element):
+        _need_sparsity(sparsity, path)
+    else:
         raise TypeError(
             f"{path}: layer-wise pruning takes Element() or NM(n, m, axis=0), "
             f"got {pattern!r}"
@@ -224,13 +228,10 @@ def obc_prune(
     References:
       Frantar & Alistarh 2022, Algorithm 1 (ExactOBS) and §4.
     """
-    _check_layer(kernel, hessian, pattern, path)
+    _check_layer(kernel, hessian, sparsity, pattern, path)
     if isinstance(pattern, NM):
-        if sparsity is not None:
-            raise ValueError(f"{path}: N:M fixes the sparsity; leave sparsity out")
         group, keep = pattern.m, pattern.n
     else:
-        _need_sparsity(sparsity, path)
         group, keep = kernel.shape[0], 0
     k = _pruned_count(kernel.shape[0], sparsity, pattern)
     k = jnp.asarray(k, jnp.int32)
@@ -308,17 +309,12 @@ def sparsegpt_prune(
     References:
       Frantar & Alistarh 2023, "SparseGPT", Algorithm 1, §3.3-3.5.
     """
-    _check_layer(kernel, hessian, pattern, path)
+    _check_layer(kernel, hessian, sparsity, pattern, path)
     _tree.check_positive_int(block_size, "block_size")
-    if isinstance(pattern, NM):
-        if sparsity is not None:
-            raise ValueError(f"{path}: N:M fixes the sparsity; leave sparsity out")
-        if block_size % pattern.m:
-            raise ValueError(
-                f"{path}: block_size {block_size} is not a multiple of m={pattern.m}"
-            )
-    else:
-        _need_sparsity(sparsity, path)
+    if isinstance(pattern, NM) and block_size % pattern.m:
+        raise ValueError(
+            f"{path}: block_size {block_size} is not a multiple of m={pattern.m}"
+        )
     fraction = jnp.asarray(0.0 if sparsity is None else sparsity, jnp.float32)
     new, mask, ok = _sparsegpt_solve(kernel, hessian, fraction, pattern, block_size)
     _check_definite(ok, path)
