@@ -42,9 +42,9 @@ from jax import lax, tree_util
 
 from jaxsparse import _tree
 from jaxsparse._types import LeafSelector, Mask, Params
-from jaxsparse.structure import NM, Element
+from jaxsparse.structure import NM, Block, Element
 
-Pattern = Element | NM
+Pattern = Element | NM | Block
 
 
 class LayerHessian(NamedTuple):
@@ -116,11 +116,24 @@ def _check_layer(kernel, h, sparsity, pattern, path):
             raise ValueError(f"{path}: N:M fixes the sparsity; leave sparsity out")
     elif isinstance(pattern, Element):
         _need_sparsity(sparsity, path)
+    elif isinstance(pattern, Block):
+        if len(pattern.shape) > 2:
+            raise ValueError(
+                f"{path}: a layer's block is (inputs, outputs) of its "
+                f"(d_in, d_out) view, got {pattern}"
+            )
+        pattern.check(kernel.shape, path)
+        _need_sparsity(sparsity, path)
     else:
         raise TypeError(
-            f"{path}: layer-wise pruning takes Element() or NM(n, m, axis=0), "
-            f"got {pattern!r}"
+            f"{path}: layer-wise pruning takes Element(), NM(n, m, axis=0) or "
+            f"Block((inputs, outputs)), got {pattern!r}"
         )
+
+
+def _block_dims(pattern: Block) -> tuple[int, int]:
+    """A block's ``(inputs, outputs)`` in a ``(d_in, d_out)`` view."""
+    return (1, *pattern.shape)[-2:]
 
 
 def _need_sparsity(sparsity: float | None, path: str) -> None:
@@ -129,9 +142,21 @@ def _need_sparsity(sparsity: float | None, path: str) -> None:
     _tree.check_sparsity(sparsity, where=f"{path}: sparsity")
 
 
+def _inputs_together(pattern: Pattern) -> int:
+    """How many consecutive inputs the pattern decides on together."""
+    if isinstance(pattern, NM):
+        return pattern.m
+    if isinstance(pattern, Block):
+        return _block_dims(pattern)[0]
+    return 1
+
+
 def _pruned_count(d_in: int, sparsity: float | None, pattern: Pattern) -> int:
+    """Removals per column (per block of inputs for :class:`Block`)."""
     if isinstance(pattern, NM):
         return d_in // pattern.m * (pattern.m - pattern.n)
+    if isinstance(pattern, Block):
+        return round(sparsity * (d_in // _block_dims(pattern)[0]))
     return round(sparsity * d_in)
 
 
@@ -181,6 +206,39 @@ def _obc_column(w, hinv, k: int, group: int, keep_per_group: int):
     return w, ~removed, cost
 
 
+def _obc_blocks(w, hinv, k, rows: int):
+    """Greedy exact OBS on the columns ``w`` ``(cols, d)`` of one block
+    column: ``k`` removals of ``rows`` consecutive inputs from every column
+    at once, the block ``Q`` of least ``sum_c w_cQ^T [H^-1_QQ]^-1 w_cQ``."""
+    d = w.shape[1]
+    nb = d // rows
+    eye = jnp.eye(rows, dtype=w.dtype)
+
+    def step(_, carry):
+        w, hinv, removed, cost = carry
+        diag = hinv.reshape(nb, rows, nb, rows)[jnp.arange(nb), :, jnp.arange(nb)]
+        inv = jnp.linalg.inv(diag)  # (nb, rows, rows)
+        wb = w.reshape(w.shape[0], nb, rows)
+        score = jnp.einsum("cbi,bij,cbj->b", wb, inv, wb)
+        score = jnp.where(removed, jnp.inf, score)
+        b = jnp.argmin(score)
+        cols = lax.dynamic_slice_in_dim(hinv, b * rows, rows, axis=1)  # (d, rows)
+        wq = lax.dynamic_slice_in_dim(w, b * rows, rows, axis=1)
+        removed = removed.at[b].set(True)
+        gone = jnp.repeat(removed, rows)
+        w = jnp.where(gone, 0.0, w - (wq @ inv[b]) @ cols.T)
+        hinv = hinv - cols @ inv[b] @ cols.T
+        # As in _obc_column: exact zeros, and an identity block for removed
+        # inputs so that their diagonal blocks stay invertible.
+        hinv = jnp.where(gone[:, None] | gone[None, :], 0.0, hinv)
+        hinv = hinv + jnp.kron(jnp.diag(removed.astype(hinv.dtype)), eye)
+        return w, hinv, removed, cost + score[b]
+
+    init = (w, hinv, jnp.zeros(nb, bool), jnp.zeros((), w.dtype))
+    w, _, removed, _ = lax.fori_loop(0, k, step, init)
+    return w, jnp.broadcast_to(~jnp.repeat(removed, rows), w.shape)
+
+
 def obc_prune(
     kernel: jax.Array,
     hessian: jax.Array,
@@ -195,15 +253,19 @@ def obc_prune(
     Each column removes ``round(sparsity * d_in)`` weights (or ``m - n`` of
     every ``m`` inputs for ``NM(n, m, axis=0)``), one at a time, always the
     one of least ``w_q^2 / [H^-1]_qq`` among those still allowed, and moves
-    the rest by the OBS update; ``H^-1`` loses that input exactly.
+    the rest by the OBS update; ``H^-1`` loses that input exactly. With
+    ``Block((r, c))`` each run of ``c`` columns removes ``round(sparsity *
+    d_in / r)`` blocks of ``r`` inputs together, each the block ``Q`` of
+    least ``sum_c w_cQ^T [H^-1_QQ]^-1 w_cQ`` (OBS for a group of weights).
 
     Args:
       kernel: ``(d_in, d_out)``.
       hessian: the layer's ``H`` (``(d_in, d_in)``, e.g. :func:`damped`).
       sparsity: fraction of each column removed, in ``[0, 1)`` (not with N:M).
-      pattern: ``Element()`` or ``NM(n, m, axis=0)``.
-      columns_at_once: columns solved side by side (memory: this many
-        ``d_in x d_in`` inverses).
+      pattern: ``Element()``, ``NM(n, m, axis=0)`` or ``Block((r, c))``
+        (``r`` inputs by ``c`` outputs of the kernel).
+      columns_at_once: columns (block columns) solved side by side
+        (memory: this many ``d_in x d_in`` inverses).
       path: the layer's name in error messages.
 
     Returns:
@@ -226,15 +288,21 @@ def obc_prune(
       ([[4.0], [0.0]], [[True], [False]])
 
     References:
-      Frantar & Alistarh 2022, Algorithm 1 (ExactOBS) and §4.
+      Frantar & Alistarh 2022, Algorithm 1 (ExactOBS) and §4; Kurtic et
+      al. 2022 (oBERT), §3.1 (OBS removing a block at once).
     """
     _check_layer(kernel, hessian, sparsity, pattern, path)
+    k = jnp.asarray(_pruned_count(kernel.shape[0], sparsity, pattern), jnp.int32)
+    if isinstance(pattern, Block):
+        new, mask, ok = _obc_block_solve(
+            kernel, hessian, k, _block_dims(pattern), columns_at_once
+        )
+        _check_definite(ok, path)
+        return new, mask
     if isinstance(pattern, NM):
         group, keep = pattern.m, pattern.n
     else:
         group, keep = kernel.shape[0], 0
-    k = _pruned_count(kernel.shape[0], sparsity, pattern)
-    k = jnp.asarray(k, jnp.int32)
     new, mask, ok = _obc_solve(kernel, hessian, k, group, keep, columns_at_once)
     _check_definite(ok, path)
     return new, mask
@@ -254,13 +322,33 @@ def _obc_solve(kernel, hessian, k, group, keep, columns_at_once):
     return new.T.astype(kernel.dtype), mask.T, ok
 
 
-def _block_mask(w1, diag1, pruned: jax.Array):
-    """Entries of the block (d_out, B) to prune: the ``pruned`` of least
-    ``w^2 / d^2`` over the whole block (SparseGPT's adaptive mask; ties go
-    to the earlier entry)."""
-    score = (jnp.square(w1) / jnp.square(diag1)[None, :]).ravel()
-    rank = jnp.argsort(jnp.argsort(score, stable=True), stable=True)
-    return (rank < pruned.astype(rank.dtype)).reshape(w1.shape)
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def _obc_block_solve(kernel, hessian, k, dims, columns_at_once):
+    rows, cols = dims
+    dtype = _work_dtype(kernel)
+    hinv, ok = _inverse(hessian.astype(dtype))
+    d_in, d_out = kernel.shape
+    groups = kernel.T.astype(dtype).reshape(d_out // cols, cols, d_in)
+    new, mask = lax.map(
+        lambda w: _obc_blocks(w, hinv, k, rows), groups, batch_size=columns_at_once
+    )
+    return (
+        new.reshape(d_out, d_in).T.astype(kernel.dtype),
+        mask.reshape(d_out, d_in).T,
+        ok,
+    )
+
+
+def _block_mask(w1, diag1, sparsity: jax.Array, dims: tuple[int, int] = (1, 1)):
+    """Entries of the lazy block (d_out, B) to prune: ``round(sparsity *
+    groups)`` groups (single entries, or ``dims = (inputs, outputs)``
+    blocks) of least summed ``w^2 / d^2`` over the whole lazy block
+    (SparseGPT's adaptive mask; ties go to the earlier group)."""
+    score = jnp.square(w1) / jnp.square(diag1)[None, :]
+    by_group = Block(dims[::-1]).group_scores(score, "sum")
+    rank = jnp.argsort(jnp.argsort(by_group.ravel(), stable=True), stable=True)
+    pruned = jnp.round(sparsity * by_group.size).astype(rank.dtype)
+    return Block(dims[::-1]).expand((rank < pruned).reshape(by_group.shape), w1.shape)
 
 
 def _nm_mask(w_group, diag_group, n: int):
@@ -288,7 +376,9 @@ def sparsegpt_prune(
     prunes ``round(sparsity * size)`` of its entries, those of least
     ``w^2 / U_ii^2`` over the whole block (``U`` the upper Cholesky factor
     of ``H^-1``), or, for N:M, the ``m - n`` of least score in each group
-    of ``m`` inputs of each output, chosen when the group is reached. Each
+    of ``m`` inputs of each output, chosen when the group is reached, or,
+    for ``Block((r, c))``, the same fraction of its ``r x c`` blocks, by
+    their summed score. Each
     input's error then moves the inputs after it in the block at once and
     the later blocks in one matrix product per block.
 
@@ -296,8 +386,10 @@ def sparsegpt_prune(
       kernel: ``(d_in, d_out)``.
       hessian: the layer's ``H`` (``(d_in, d_in)``, e.g. :func:`damped`).
       sparsity: fraction removed, in ``[0, 1)`` (not with N:M).
-      pattern: ``Element()`` or ``NM(n, m, axis=0)``.
-      block_size: inputs per lazy block (a multiple of ``m`` for N:M).
+      pattern: ``Element()``, ``NM(n, m, axis=0)`` or ``Block((r, c))``
+        (``r`` inputs by ``c`` outputs of the kernel).
+      block_size: inputs per lazy block (a multiple of ``m`` for N:M, of
+        ``r`` for blocks).
       path: the layer's name in error messages.
 
     Returns:
@@ -311,9 +403,11 @@ def sparsegpt_prune(
     """
     _check_layer(kernel, hessian, sparsity, pattern, path)
     _tree.check_positive_int(block_size, "block_size")
-    if isinstance(pattern, NM) and block_size % pattern.m:
+    step = _inputs_together(pattern)
+    if block_size % step:
         raise ValueError(
-            f"{path}: block_size {block_size} is not a multiple of m={pattern.m}"
+            f"{path}: block_size {block_size} is not a multiple of the "
+            f"pattern's {step} inputs ({pattern})"
         )
     fraction = jnp.asarray(0.0 if sparsity is None else sparsity, jnp.float32)
     new, mask, ok = _sparsegpt_solve(kernel, hessian, fraction, pattern, block_size)
@@ -337,8 +431,10 @@ def _sparsegpt_solve(kernel, hessian, sparsity, pattern, block_size):
         diag1 = jnp.diag(u1)
         if isinstance(pattern, NM):
             mask1 = jnp.zeros(w1.shape, bool)
+        elif isinstance(pattern, Block):
+            mask1 = _block_mask(w1, diag1, sparsity, _block_dims(pattern))
         else:
-            mask1 = _block_mask(w1, diag1, jnp.round(sparsity * w1.size))
+            mask1 = _block_mask(w1, diag1, sparsity)
 
         def visit(i, carry, u1=u1, diag1=diag1):
             w1, mask1, err1 = carry
@@ -565,8 +661,9 @@ def prune_layers(
     or as a convolution's kernel (found in its jaxpr, inside ``jit`` calls
     too); a convolution is pruned in its im2col view (:func:`kernel_view`:
     rows ``H * W * I`` of an ``HWIO`` kernel, so N:M runs along the input
-    channels). For each, ``H
-    = 2 X^T X / n`` is accumulated over the batches (one jitted pass), damped
+    channels and a ``Block((r, c))`` covers ``r`` rows of that view by
+    ``c`` filters). For each, ``H = 2 X^T X / n`` is accumulated over the
+    batches (one jitted pass), damped
     by ``damp`` times its mean diagonal, and the kernel pruned by
     :func:`sparsegpt_prune` or :func:`obc_prune`. ``order="sequential"``
     calibrates each layer on the inputs the model gives once the layers
@@ -580,7 +677,7 @@ def prune_layers(
       batches: calibration inputs, each the model's arguments after params
         (an array or a tuple); iterated once per pass.
       sparsity: fraction of each kernel removed (not with N:M).
-      pattern: ``Element()`` or ``NM(n, m, axis=0)``.
+      pattern: ``Element()``, ``NM(n, m, axis=0)`` or ``Block((r, c))``.
       method: ``"sparsegpt"`` or ``"obc"``.
       order: ``"sequential"`` or ``"independent"``.
       damp: fraction of the mean diagonal added to ``H``.

@@ -100,9 +100,51 @@ def test_obc_n_m_keeps_n_of_every_m_with_the_greedy_constrained_choice():
         )
 
 
-def sparsegpt_reference(w, h, sparsity, block):
+@pytest.mark.parametrize("rows, cols", [(2, 1), (2, 3), (4, 2), (1, 2)])
+def test_obc_blocks_choose_as_brute_force_step_by_step(rows, cols):
+    w, h = problem(d_in=12, d_out=6, seed=4)
+    k = 2  # of 12 / rows input blocks per run of cols outputs
+    sparsity = k * rows / 12
+    new, mask = lw.obc_prune(
+        jnp.asarray(w), jnp.asarray(h), sparsity, pattern=js.Block((rows, cols))
+    )
+    mask = np.asarray(mask)
+    for g in range(6 // cols):
+        group = slice(g * cols, (g + 1) * cols)
+        keep = np.ones(12, bool)
+        for _ in range(k):
+            # The cost of a support is the sum over the block's columns.
+            costs = {}
+            for b in range(12 // rows):
+                if not keep[b * rows]:
+                    continue
+                trial = keep.copy()
+                trial[b * rows : (b + 1) * rows] = False
+                costs[b] = sum(ls_error(h, w[:, c], trial)[0] for c in range(6)[group])
+            b = min(costs, key=costs.get)
+            keep[b * rows : (b + 1) * rows] = False
+        for c in range(6)[group]:
+            np.testing.assert_array_equal(mask[:, c], keep, err_msg=f"column {c}")
+            np.testing.assert_allclose(
+                np.asarray(new[:, c]), ls_error(h, w[:, c], keep)[1], atol=1e-9
+            )
+    assert np.all(np.asarray(new)[~mask] == 0.0)
+
+
+def test_blocks_of_one_weight_are_the_unstructured_methods():
+    w, h = problem(d_in=12, d_out=5, seed=5)
+    w, h = jnp.asarray(w), jnp.asarray(h)
+    for prune, extra in ((lw.obc_prune, {}), (lw.sparsegpt_prune, {"block_size": 4})):
+        plain = prune(w, h, 0.5, **extra)
+        blocks = prune(w, h, 0.5, pattern=js.Block((1, 1)), **extra)
+        np.testing.assert_array_equal(plain[1], blocks[1])
+        np.testing.assert_allclose(plain[0], blocks[0], atol=1e-12)
+
+
+def sparsegpt_reference(w, h, sparsity, block, dims=(1, 1)):
     """SparseGPT's rule written with explicit inverses of the remaining
-    inputs' H, no Cholesky, one input at a time."""
+    inputs' H, no Cholesky, one input at a time; ``dims`` are the
+    (inputs, outputs) of a pruned block."""
     w = w.T.copy()  # (d_out, d_in)
     d_in = w.shape[1]
     pruned = np.zeros_like(w, bool)
@@ -114,11 +156,17 @@ def sparsegpt_reference(w, h, sparsity, block):
         for i in range(start, stop):
             hf = np.linalg.inv(h[i:, i:])
             score[:, i - start] = w[:, i] ** 2 / hf[0, 0]
-        count = round(sparsity * score.size)
-        order = np.argsort(score.ravel(), kind="stable")[:count]
-        block_mask = np.zeros(score.size, bool)
+        rows, cols = dims
+        go, gi = score.shape[0] // cols, score.shape[1] // rows
+        grouped = score.reshape(go, cols, gi, rows).sum(axis=(1, 3))
+        count = round(sparsity * grouped.size)
+        order = np.argsort(grouped.ravel(), kind="stable")[:count]
+        block_mask = np.zeros(grouped.size, bool)
         block_mask[order] = True
-        pruned[:, start:stop] = block_mask.reshape(score.shape)
+        block_mask = block_mask.reshape(go, 1, gi, 1)
+        pruned[:, start:stop] = np.broadcast_to(
+            block_mask, (go, cols, gi, rows)
+        ).reshape(score.shape)
         del hinv
         for i in range(start, stop):
             hf = np.linalg.inv(h[i:, i:])
@@ -139,6 +187,20 @@ def test_sparsegpt_matches_its_rule_written_with_explicit_inverses(block):
     np.testing.assert_allclose(np.asarray(new), want, atol=1e-9)
 
 
+@pytest.mark.parametrize("dims, block", [((2, 1), 8), ((2, 3), 6), ((1, 2), 4)])
+def test_sparsegpt_blocks_match_the_rule_written_with_explicit_inverses(dims, block):
+    w, h = problem(d_in=12, d_out=6, seed=6)
+    new, mask = lw.sparsegpt_prune(
+        jnp.asarray(w), jnp.asarray(h), 0.5, pattern=js.Block(dims), block_size=block
+    )
+    want, want_mask = sparsegpt_reference(w, h, 0.5, block, dims)
+    np.testing.assert_array_equal(np.asarray(mask), want_mask)
+    np.testing.assert_allclose(np.asarray(new), want, atol=1e-9)
+    kept = np.asarray(mask).reshape(12 // dims[0], dims[0], 6 // dims[1], dims[1])
+    assert np.all(kept == kept[:, :1, :, :1])  # whole blocks
+    assert float(1 - kept.mean()) == 0.5
+
+
 def features(kind, seed):
     rng = np.random.default_rng(seed)
     if kind == "relu":  # a hidden layer's input: ReLU of a random projection
@@ -153,16 +215,22 @@ def test_sparsegpt_error_against_obc_and_magnitude(kind, seed):
     """SparseGPT's documented cost of visiting inputs in order: on layer
     inputs like a network's (ReLU features, digit pixels) its error is
     within 2.5x of OBC's (measured 1.2-2.0x over three seeds, unstructured
-    50 % and 2:4, blocks of 8) and below magnitude pruning's (1.9-3.6x
-    OBC's). On independent inputs (H near a multiple of I) all three
-    coincide; on strongly correlated synthetic inputs SparseGPT can fall to
-    magnitude's level (measured up to 3.8x OBC)."""
+    50 %, 2:4 and 50 % of 4x1, 2x2 and 1x4 blocks, lazy blocks of 8) and
+    below magnitude pruning's (1.4-3.6x OBC's). On independent inputs (H
+    near a multiple of I) all three coincide; on strongly correlated
+    synthetic inputs SparseGPT can fall to magnitude's level (measured up to
+    3.8x OBC)."""
     x = features(kind, seed)
     rng = np.random.default_rng(seed)
     w = jnp.asarray(rng.normal(size=(32, 16)))
     acc = lw.hessian_update(lw.hessian_init(32, jnp.float64), jnp.asarray(x))
     h = lw.damped(acc, 0.01)
-    for pattern, sparsity in ((js.Element(), 0.5), (js.NM(2, 4, axis=0), None)):
+    for pattern, sparsity in (
+        (js.Element(), 0.5),
+        (js.NM(2, 4, axis=0), None),
+        (js.Block((4, 1)), 0.5),
+        (js.Block((2, 2)), 0.5),
+    ):
         gpt, gpt_mask = lw.sparsegpt_prune(
             w, h, sparsity, pattern=pattern, block_size=8
         )
@@ -171,7 +239,9 @@ def test_sparsegpt_error_against_obc_and_magnitude(kind, seed):
             assert np.all(np.asarray(gpt_mask).reshape(8, 4, 16).sum(1) == 2)
             magnitude = pattern.keep(jnp.abs(w))
         else:
-            magnitude = js.layerwise_mask({"w": jnp.abs(w)}, 0.5)["w"]
+            magnitude = js.layerwise_mask(
+                {"w": jnp.abs(w)}, 0.5, granularity=pattern, reduce="l2"
+            )["w"]
         assert float(1 - np.mean(gpt_mask)) == 0.5
         errors = [
             float(lw.reconstruction_error(w, p, h))
@@ -209,8 +279,14 @@ def test_bad_input_names_the_layer(prune):
         prune(w, h, 1.0, path="dense_1/kernel")
     with pytest.raises(ValueError, match="dense_1/kernel: unstructured pruning needs"):
         prune(w, h, path="dense_1/kernel")
-    with pytest.raises(TypeError, match="Element\\(\\) or NM"):
-        prune(w, h, 0.5, pattern=js.Block((2, 1)), path="dense_1/kernel")
+    with pytest.raises(TypeError, match="Element\\(\\), NM"):
+        prune(w, h, 0.5, pattern=js.Channel(-1), path="dense_1/kernel")
+    with pytest.raises(ValueError, match="dense_1/kernel: shape \\(8, 5\\) is not"):
+        prune(w, h, 0.5, pattern=js.Block((3, 1)), path="dense_1/kernel")
+    with pytest.raises(ValueError, match="dense_1/kernel: a layer's block is"):
+        prune(w, h, 0.5, pattern=js.Block((1, 2, 1)), path="dense_1/kernel")
+    with pytest.raises(ValueError, match="dense_1/kernel: unstructured pruning"):
+        prune(w, h, pattern=js.Block((2, 1)), path="dense_1/kernel")
     # An input that never varies: H is singular without damping.
     x = np.random.default_rng(0).normal(size=(30, 8))
     x[:, 3] = 0.0
@@ -263,6 +339,27 @@ def test_prune_layers_calibrates_each_layer_on_the_inputs_it_reads(order):
             for x in inputs
         ]
     np.testing.assert_array_equal(params["dense_0"]["kernel"] != 0, True)
+
+
+@pytest.mark.parametrize("method", ["obc", "sparsegpt"])
+def test_prune_layers_removes_whole_blocks(method):
+    mlp, params, batches = mlp_and_batches()
+    new, mask = lw.prune_layers(
+        mlp,
+        params,
+        batches,
+        0.5,
+        pattern=js.Block((4, 2)),
+        method=method,
+        block_size=16,
+    )
+    for layer in ("dense_0", "dense_1", "dense_2"):
+        kept = np.asarray(mask[layer]["kernel"])
+        d_in, d_out = kept.shape
+        blocks = kept.reshape(d_in // 4, 4, d_out // 2, 2)
+        assert np.all(blocks == blocks[:, :1, :, :1]), layer
+        assert kept.mean() == 0.5
+        assert np.all(np.asarray(new[layer]["kernel"])[~kept] == 0)
 
 
 def test_prune_layers_n_m_obc_and_a_flax_model():
