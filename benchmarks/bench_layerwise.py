@@ -18,7 +18,8 @@ here until the diagonal is computed by layer structure). At 2:4 the first
 convolution (25 inputs per output, not a multiple of 4) stays dense for
 every method. "median
 time" is one prune (OBC and SparseGPT: their calibration included) after a
-first call that compiles; "curvature" is the one-off time of OBD's
+first call that compiles (the others are one jitted call, the sparsity
+traced); "curvature" is the one-off time of OBD's
 diagonal, WoodFisher's blocks and M-FAC's factor, shared by every
 sparsity.
 """
@@ -34,8 +35,7 @@ import numpy as np
 import optax
 
 import jaxsparse as js
-from jaxsparse import curvature as cv
-from jaxsparse import fisher, layerwise, obs
+from jaxsparse.experiments import post_training
 from jaxsparse.experiments.models import init_lenet5, init_mlp, lenet5, mlp
 
 
@@ -63,7 +63,7 @@ def train(apply, params, split, epochs, seed):
     key = jax.random.key(seed)
     for e in range(epochs):
         params, state = epoch(params, state, jax.random.fold_in(key, e))
-    return params, loss
+    return params
 
 
 def accuracy(apply, params, split):
@@ -71,94 +71,52 @@ def accuracy(apply, params, split):
     return float(jnp.mean(jnp.argmax(logits, -1) == jnp.asarray(split.y_test)))
 
 
-def mean_diagonal(tree):
-    return float(np.mean(np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])))
+LABELS = {
+    "magnitude": "magnitude",
+    "obd": "OBD",
+    "woodfisher": "WoodFisher (blocks of 64)",
+    "mfac": "M-FAC (whole model)",
+    "obc": "OBC",
+    "sparsegpt": "SparseGPT",
+}
 
 
-def methods(apply, loss, params, split, obd_examples=128):
+def methods(apply, params, split, obd_examples=128):
+    """Every pruner made ready on 512 training digits, the 2:4 ones too;
+    ``{label: (OneShot, fixed sparsity)}``."""
     x, y = jnp.asarray(split.x_train[:512]), jnp.asarray(split.y_train[:512])
-    uniform = js.Uniform()
     nm = js.NM(2, 4, axis=0)
     nm_include = None if apply is mlp else r"(conv_1|dense_\d)/kernel"
-
-    def magnitude(s):
-        return js.apply_mask(params, js.topk_mask(js.saliency.magnitude(params), s))
-
-    def magnitude_nm(s):
-        del s
-
-        def keep(layer, name, v):
-            if name != "kernel" or (nm_include is not None and layer == "conv_0"):
-                return jnp.ones(v.shape, bool)
-            # Both kernels keep the output axis last: the view's rows are
-            # the inputs (H * W * I for a convolution).
-            return nm.keep(jnp.abs(layerwise.kernel_view(v))).reshape(v.shape)
-
-        masks = {
-            layer: {k: keep(layer, k, v) for k, v in leaves.items()}
-            for layer, leaves in params.items()
-        }
-        return js.apply_mask(params, masks)
-
-    # The curvature each method needs, once (its time is reported apart).
-    start = time.perf_counter()
-    if apply is mlp:
-        diag = cv.hessian_diag(loss, params, x[:obd_examples], y[:obd_examples])
-        obd_label = "OBD (exact diagonal)"
-    else:
-        diag = cv.ggn_diag_softmax_ce(apply, params, x)
-        obd_label = "OBD (Gauss-Newton diagonal)"
-    jax.block_until_ready(diag)
-    setup = {obd_label: time.perf_counter() - start}
-    start = time.perf_counter()
-    per = fisher.per_example_grads(loss, params, x, y)
-    damping = mean_diagonal(fisher.fisher_diag(per))
-    blocks = jax.block_until_ready(
-        fisher.fisher_inverse(per, block_size=64, damping=damping)
-    )
-    setup["WoodFisher (blocks of 64)"] = time.perf_counter() - start
-    start = time.perf_counter()
-    whole = jax.block_until_ready(fisher.mfac_inverse(per, damping=damping))
-    setup["M-FAC (whole model)"] = time.perf_counter() - start
-
-    def obd(s):
-        scores = obs.obd_saliency(params, diag)
-        return js.apply_mask(params, js.topk_mask(scores, s, distribution=uniform))
-
-    def woodfisher(s):
-        return obs.obs_prune(params, blocks, s, distribution=uniform).params
-
-    def mfac(s):
-        return obs.obs_prune(
-            params, whole, s, method="independent", distribution=uniform
-        ).params
-
-    def layer(method, pattern=js.Element(), include=None):
-        def prune(s):
-            return layerwise.prune_layers(
+    table = {}
+    for name in post_training.PRUNERS:
+        options = {"block_size": 64}
+        if name == "obd":
+            # The MLP's exact diagonal on fewer digits (one HVP per weight).
+            exact = apply is mlp
+            options["obd_diagonal"] = "exact" if exact else "gauss-newton"
+            label = "OBD (exact diagonal)" if exact else "OBD (Gauss-Newton diagonal)"
+            xs, ys = (x[:obd_examples], y[:obd_examples]) if exact else (x, y)
+        else:
+            label, xs, ys = LABELS[name], x, y
+        table[label] = (
+            post_training.one_shot_pruner(name, apply, params, xs, ys, **options),
+            False,
+        )
+    for name in ("magnitude", "obc", "sparsegpt"):
+        table[f"{LABELS[name]} 2:4"] = (
+            post_training.one_shot_pruner(
+                name,
                 apply,
                 params,
-                [x],
-                None if isinstance(pattern, js.NM) else s,
-                pattern=pattern,
-                method=method,
-                include=include,
+                x,
+                y,
+                pattern=nm,
+                include=nm_include,
                 block_size=64,
-            )[0]
-
-        return prune
-
-    return setup, {
-        "magnitude": (magnitude, False),
-        obd_label: (obd, False),
-        "WoodFisher (blocks of 64)": (woodfisher, False),
-        "M-FAC (whole model)": (mfac, False),
-        "OBC": (layer("obc"), False),
-        "SparseGPT": (layer("sparsegpt"), False),
-        "magnitude 2:4": (magnitude_nm, True),
-        "OBC 2:4": (layer("obc", nm, nm_include), True),
-        "SparseGPT 2:4": (layer("sparsegpt", nm, nm_include), True),
-    }
+            ),
+            True,
+        )
+    return table
 
 
 def main():
@@ -180,13 +138,14 @@ def main():
     }
     for choice in args.models:
         name, apply, params, epochs = models[choice]
-        params, loss = train(apply, params, split, epochs, args.seed)
+        params = train(apply, params, split, epochs, args.seed)
         print(f"\n{name}: dense test accuracy {accuracy(apply, params, split):.2%}")
         header = " ".join(f"{s:>7.0%}" for s in args.sparsities)
         print(f"{'method':<27} {header}  {'median time':>11}  curvature")
-        setup, table = methods(apply, loss, params, split, args.obd_examples)
-        for label, (prune, fixed) in table.items():
-            targets = [0.5] if fixed else args.sparsities
+        table = methods(apply, params, split, args.obd_examples)
+        for label, (pruner, fixed) in table.items():
+            targets = [None] if fixed else args.sparsities
+            prune = pruner.prune
             prune(targets[0])  # compile
             cells, times = [], []
             for s in targets:
@@ -197,7 +156,7 @@ def main():
             if fixed:
                 cells = [cells[0]] + ["" for _ in args.sparsities[1:]]
                 cells = [f"{c:>7}" for c in cells]
-            curvature = f"  {setup[label]:.1f} s" if label in setup else ""
+            curvature = f"  {pruner.seconds:.1f} s" if pruner.seconds else ""
             print(
                 f"{label:<27} {' '.join(cells)}  {np.median(times) * 1e3:>9.0f} ms"
                 + curvature
