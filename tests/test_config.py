@@ -61,6 +61,73 @@ def test_the_shipped_configs_cover_every_study_and_han():
     assert "han2015-lenet-300-100" in names
 
 
+def post_training(**method):
+    table = base()
+    table["methods"] = [
+        {"name": "p", "method": "post-training", "sparsities": [0.5], **method}
+    ]
+    return table
+
+
+def test_post_training_methods_are_typed():
+    run = cfg.parse_config(post_training(pruner="obc", calibration=256))
+    method = run.methods[0]
+    assert (method.pruner, method.calibration, method.targets) == ("obc", 256, (0.5,))
+    assert method.n_m is None
+    nm = post_training(pruner="sparsegpt", pattern="4:8", include="dense_[01]")
+    del nm["methods"][0]["sparsities"]
+    method = cfg.parse_config(nm).methods[0]
+    assert method.n_m == (4, 8) and method.targets == (0.5,)
+    assert method.include == "dense_[01]"
+
+
+def test_post_training_refusals():
+    cases = [
+        (post_training(pruner="snip"), r"pruner: 'snip' is not one of magnitude, obd"),
+        (post_training(pattern="3:2"), r"pattern: must be 'unstructured' or 'N:M'"),
+        (post_training(pattern="a:b"), r"pattern: must be 'unstructured' or 'N:M'"),
+        (post_training(pattern=4), r"pattern: must be 'unstructured' or 'N:M'"),
+        (
+            post_training(pattern="2:4"),
+            r"methods\[0\].sparsities: an N:M pattern fixes the sparsity",
+        ),
+        (
+            post_training(pruner="obd", pattern="2:4", sparsities=[]),
+            r"methods\[0\].sparsities: must be a non-empty list",
+        ),
+        (
+            {
+                "methods": [
+                    {
+                        "name": "p",
+                        "method": "post-training",
+                        "pruner": "obd",
+                        "pattern": "2:4",
+                    }
+                ]
+            },
+            r"pattern: pruner 'obd' has no N:M pattern; use magnitude, obc",
+        ),
+        (
+            {"methods": [{"name": "p", "method": "post-training"}]},
+            r"sparsities: method 'post-training' needs sparsities",
+        ),
+        (
+            post_training(pruner="obc", distribution="erk"),
+            r"distribution: pruner 'obc' prunes every kernel to the sparsity",
+        ),
+        (post_training(schedule="gradual"), r"schedule: a post-training method prunes"),
+        (post_training(drop_fraction=0.1), r"drop_fraction: a post-training method"),
+        (post_training(calibration=0), r"calibration: must be an integer >= 1"),
+        (post_training(include="dense_("), r"include: not a regular expression"),
+        (with_method(pruner="obc"), r"methods\[0\].pruner: only post-training"),
+        (with_method(calibration=64), r"calibration: only post-training methods"),
+    ]
+    for table, match in cases:
+        with pytest.raises(ValueError, match=match):
+            cfg.parse_config(table)
+
+
 @pytest.mark.parametrize(
     "table,match",
     [

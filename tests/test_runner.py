@@ -15,7 +15,7 @@ import pytest
 
 from jaxsparse import data
 from jaxsparse.experiments import checkpoints as ckpt
-from jaxsparse.experiments import cli, runner
+from jaxsparse.experiments import cli, post_training, runner
 from jaxsparse.experiments.config import parse_config
 from jaxsparse.experiments.models import model
 
@@ -397,3 +397,78 @@ def test_every_study_writes_rows_that_compare_reads(tmp_path, monkeypatch):
     for name in ("RigL", "OBS", "l1-prox", "mlp/l2"):
         assert name in table
     assert compare.plot_results(docs, tmp_path / "plots")
+
+
+def post_training_table(**top):
+    table = {
+        "hidden": [16],
+        "epochs": 2,
+        "methods": [
+            {"name": "dense", "method": "dense"},
+            {
+                "name": "SparseGPT 2:4",
+                "method": "post-training",
+                "pruner": "sparsegpt",
+                "pattern": "2:4",
+            },
+            {
+                "name": "OBD",
+                "method": "post-training",
+                "pruner": "obd",
+                "sparsities": [0.5, 0.8],
+                "calibration": 128,
+            },
+        ],
+    }
+    table.update(top)
+    return table
+
+
+def test_post_training_methods_prune_one_dense_run_per_seed(monkeypatch):
+    config = parse_config(post_training_table(), "post")
+    calls = []
+    real = runner.train
+    monkeypatch.setattr(
+        runner, "train", lambda *a, **k: calls.append(a[1]) or real(*a, **k)
+    )
+    rows = runner.run_training(config, progress=False)
+    assert [c.method.name for c in calls] == ["dense"]
+    assert [(r["method"], r["target"]) for r in rows] == [
+        ("dense", 0.0),
+        ("SparseGPT 2:4", 0.5),
+        ("OBD", 0.5),
+        ("OBD", 0.8),
+    ]
+    dense = rows[0]
+    split = data.digits(0)
+    for row in rows[1:]:
+        assert row["dense_accuracy"] == dense["accuracy"]
+        assert row["layers"]["dense_0/kernel"] == pytest.approx(row["target"], abs=0.01)
+    kept = np.asarray(rows[1]["params"]["dense_0"]["kernel"]) != 0
+    assert np.all(kept.reshape(16, 4, 16).sum(1) == 2)
+    # The OBD rows are the pruner applied to the dense run's params, on the
+    # first 128 training digits.
+    want = post_training.one_shot_pruner(
+        "obd",
+        model("mlp", (16,)).apply,
+        dense["params"],
+        jnp.asarray(split.x_train[:128]),
+        jnp.asarray(split.y_train[:128]),
+    ).prune(0.8)
+    assert_same_tree(rows[3]["params"], want)
+
+
+def test_post_training_patterns_are_checked_before_any_training(monkeypatch):
+    monkeypatch.setattr(runner, "train", lambda *a, **k: pytest.fail("trained"))
+    table = post_training_table(model="lenet-5")
+    del table["hidden"]
+    with pytest.raises(
+        ValueError,
+        match=r"methods\[1\].pattern: conv_0/kernel has 25 inputs, not divisible by "
+        "m=4 of 2:4; leave it out with include",
+    ):
+        runner.run_training(parse_config(table), progress=False)
+    table = post_training_table()
+    table["methods"][2]["include"] = "conv"
+    with pytest.raises(ValueError, match=r"methods\[2\].include: 'conv' selects no"):
+        runner.run_training(parse_config(table), progress=False)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.resources
 import importlib.util
+import re
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -28,7 +29,12 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 DATASETS = ("digits", "mnist")
 MODELS = ("mlp", "lenet-300-100", "lenet-5")
 OPTIMIZERS = ("adam", "sgd", "momentum")
-METHODS = ("dense", "prune", "sparsify", "rigl", "set")
+METHODS = ("dense", "prune", "sparsify", "rigl", "set", "post-training")
+PRUNERS = ("magnitude", "obd", "woodfisher", "mfac", "obc", "sparsegpt")
+"""One-shot pruners of ``post-training`` methods, in the order tables list
+them (:mod:`jaxsparse.experiments.post_training`)."""
+_NM_PRUNERS = ("magnitude", "obc", "sparsegpt")
+_LAYER_PRUNERS = ("obc", "sparsegpt")
 CRITERIA = ("magnitude", "random", "taylor")
 SCHEDULES = ("one-shot", "gradual", "iterative", "iht", "dsd")
 DISTRIBUTIONS = ("uniform", "erk", "global")
@@ -52,6 +58,28 @@ class MethodConfig:
     rounds: int = 5
     cycles: int = 2
     drop_fraction: float = 0.3
+    pruner: str = "magnitude"
+    """``post-training`` only: one of :data:`PRUNERS`."""
+    pattern: str = "unstructured"
+    """``post-training`` only: ``"unstructured"`` or ``"N:M"``."""
+    calibration: int = 512
+    """``post-training`` only: training examples the pruner calibrates on."""
+    include: str | None = None
+    """``post-training`` only: a regular expression of the kernels pruned."""
+
+    @property
+    def n_m(self) -> tuple[int, int] | None:
+        """``(n, m)`` of an N:M pattern, else ``None``."""
+        if self.pattern == "unstructured":
+            return None
+        n, m = self.pattern.split(":")
+        return int(n), int(m)
+
+    @property
+    def targets(self) -> tuple[float, ...]:
+        """The sparsities run: those given, or the one N:M fixes."""
+        nm = self.n_m
+        return self.sparsities if nm is None else (1.0 - nm[0] / nm[1],)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +168,26 @@ def _string(where: str, value: Any) -> str:
     return value
 
 
+def _pattern(where: str, value: Any) -> str:
+    if value == "unstructured":
+        return value
+    parts = value.split(":") if isinstance(value, str) else []
+    if len(parts) == 2 and all(p.isdigit() for p in parts):
+        n, m = map(int, parts)
+        if 0 < n < m:
+            return value
+    raise _fail(where, f"must be 'unstructured' or 'N:M' with 0 < N < M, got {value!r}")
+
+
+def _regex(where: str, value: Any) -> str:
+    _string(where, value)
+    try:
+        re.compile(value)
+    except re.error as err:
+        raise _fail(where, f"not a regular expression ({err})") from None
+    return value
+
+
 def _distribution(where: str, value: Any):
     if isinstance(value, dict):
         if not value:
@@ -177,7 +225,13 @@ _METHOD_KEYS: dict[str, Callable[[str, Any], Any]] = {
     "rounds": _int(1),
     "cycles": _int(1),
     "drop_fraction": _sparsity,
+    "pruner": _choice(PRUNERS),
+    "pattern": _pattern,
+    "calibration": _int(1),
+    "include": _regex,
 }
+_POST_TRAINING_KEYS = ("pruner", "pattern", "calibration", "include")
+_TRAINING_KEYS = ("criterion", "schedule", "begin", "end", "every", "rounds", "cycles")
 
 # The training settings both digits MLP studies take.
 _MLP_STUDY_KEYS: dict[str, Callable[[str, Any], Any]] = {
@@ -228,6 +282,11 @@ def _method(i: int, table: Any, epochs: int) -> MethodConfig:
         if extra:
             raise _fail(f"{where}.{extra[0]}", "a dense method takes no sparsity keys")
         return method
+    if method.method == "post-training":
+        return _post_training(where, method, values)
+    for key in _POST_TRAINING_KEYS:
+        if key in values:
+            raise _fail(f"{where}.{key}", f"only post-training methods take a {key}")
     if not method.sparsities:
         raise _fail(f"{where}.sparsities", f"method {method.method!r} needs sparsities")
     for key in ("begin", "end", "every"):
@@ -242,6 +301,34 @@ def _method(i: int, table: Any, epochs: int) -> MethodConfig:
             raise _fail(f"{where}.{key}", f"method {method.method!r} takes no {key}")
     if not dynamic and "drop_fraction" in values:
         raise _fail(f"{where}.drop_fraction", "only rigl and set take a drop_fraction")
+    return method
+
+
+def _post_training(where: str, method: MethodConfig, values: dict) -> MethodConfig:
+    """Checks a post-training method: trained dense, then pruned once."""
+    for key in (*_TRAINING_KEYS, "drop_fraction"):
+        if key in values:
+            raise _fail(
+                f"{where}.{key}",
+                f"a post-training method prunes once after training; it takes no {key}",
+            )
+    if method.n_m is not None:
+        if method.pruner not in _NM_PRUNERS:
+            raise _fail(
+                f"{where}.pattern",
+                f"pruner {method.pruner!r} has no N:M pattern; "
+                f"use {', '.join(_NM_PRUNERS)}",
+            )
+        if method.sparsities:
+            raise _fail(f"{where}.sparsities", "an N:M pattern fixes the sparsity")
+    elif not method.sparsities:
+        raise _fail(f"{where}.sparsities", "method 'post-training' needs sparsities")
+    if method.pruner in _LAYER_PRUNERS and "distribution" in values:
+        raise _fail(
+            f"{where}.distribution",
+            f"pruner {method.pruner!r} prunes every kernel to the sparsity; "
+            "it takes no distribution",
+        )
     return method
 
 

@@ -29,10 +29,8 @@ import jaxsparse as js
 from jaxsparse import _tree, curvature, fisher, layerwise, obs
 from jaxsparse._types import LeafSelector, Params
 from jaxsparse.distribution import Distribution
+from jaxsparse.experiments.config import PRUNERS
 from jaxsparse.structure import NM, Element
-
-PRUNERS = ("magnitude", "obd", "woodfisher", "mfac", "obc", "sparsegpt")
-"""The pruners, in the order tables list them."""
 
 Pruner = Literal["magnitude", "obd", "woodfisher", "mfac", "obc", "sparsegpt"]
 Apply = Callable[[Params, jax.Array], jax.Array]

@@ -26,7 +26,8 @@ import numpy as np
 import optax
 
 import jaxsparse as js
-from jaxsparse import data, schedules
+from jaxsparse import _tree, data, schedules
+from jaxsparse.experiments import post_training
 from jaxsparse.experiments.config import MethodConfig, RunConfig
 from jaxsparse.experiments.models import Model, model
 
@@ -118,6 +119,12 @@ def _schedule(method: MethodConfig, target: float, epochs: int, per_epoch: int):
     return schedules.dsd(target, dense_steps=max(b, 1), sparse_steps=max(e - b, 1))
 
 
+def _distribution(method: MethodConfig) -> js.Distribution:
+    if isinstance(method.distribution, str):
+        return _DISTRIBUTIONS[method.distribution]
+    return js.Custom(method.distribution)
+
+
 def build_transform(
     config: RunConfig,
     method: MethodConfig,
@@ -127,12 +134,9 @@ def build_transform(
 ) -> optax.GradientTransformation:
     """The optax transform that trains ``method`` at ``target`` sparsity."""
     opt = _optimizer(config)
-    if method.method == "dense":
+    if method.method in ("dense", "post-training"):
         return opt
-    if isinstance(method.distribution, str):
-        distribution = _DISTRIBUTIONS[method.distribution]
-    else:
-        distribution = js.Custom(method.distribution)
+    distribution = _distribution(method)
     if method.method in ("rigl", "set"):
         make = js.rigl if method.method == "rigl" else js.sparse_evolutionary
         every = method.every if method.every is not None else config.epochs / 40
@@ -219,7 +223,7 @@ def initial_state(
         "step": jnp.zeros((), jnp.int32),
         "data_seed": jnp.asarray(job.seed, jnp.int32),
     }
-    if job.method.method != "dense":
+    if job.method.method not in ("dense", "post-training"):
         # The mask at the last evaluation, so each one reports how much of
         # the mask the updates since then moved (a resumed run included).
         state["eval_mask"] = js.effective_mask(opt)
@@ -335,10 +339,82 @@ def train(
     }
 
 
+def _pattern(method: MethodConfig) -> js.Element | js.NM:
+    nm = method.n_m
+    return js.Element() if nm is None else js.NM(*nm, axis=0)
+
+
+def check_post_training(config: RunConfig, net: Model, features: int, classes: int):
+    """Refuses, before any training, a post-training method whose N:M
+    pattern does not divide a kernel it would prune (naming the kernel), or
+    whose ``include`` selects no kernel."""
+    shapes = jax.eval_shape(lambda k: net.init(k, features, classes), jax.random.key(0))
+    # Leaf selection looks at arrays: zeros of the params' shapes stand in.
+    params = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), shapes)
+    for i, method in enumerate(config.methods):
+        if method.method != "post-training":
+            continue
+        where = f"config methods[{i}]"
+        chosen = [
+            (_tree.path_str(path), leaf)
+            for path, leaf in _tree.selected(params, method.include)
+        ]
+        if not chosen:
+            raise ValueError(
+                f"{where}.include: {method.include!r} selects no kernel of "
+                f"{config.model}"
+            )
+        nm = method.n_m
+        for path, leaf in chosen:
+            rows = math.prod(leaf.shape[:-1])
+            if nm is not None and rows % nm[1]:
+                raise ValueError(
+                    f"{where}.pattern: {path} has {rows} inputs, not divisible by "
+                    f"m={nm[1]} of {method.pattern}; leave it out with include"
+                )
+
+
+def prune_trained(
+    job: Job,
+    dense: dict[str, Any],
+    split: data.Split,
+    net: Model,
+    pruner: post_training.OneShot,
+) -> dict[str, Any]:
+    """The row of a post-training job: the dense run's row with its params
+    pruned once by ``pruner`` (``seconds`` is the pruning's own time)."""
+    start = time.perf_counter()
+    params = jax.block_until_ready(
+        pruner.prune(None if job.method.n_m is not None else job.target)
+    )
+    seconds = time.perf_counter() - start
+    acc = _accuracy(
+        jax.jit(net.apply), params, jnp.asarray(split.x_test), jnp.asarray(split.y_test)
+    )
+    report = js.sparsity_report(params)
+    return {
+        **dense,
+        "method": job.method.name,
+        "kind": job.method.method,
+        "target": job.target,
+        "sparsity": float(js.sparsity(params)),
+        "accuracy": acc,
+        "error": 1.0 - acc,
+        "dense_accuracy": dense["accuracy"],
+        "nonzeros": report.nonzeros,
+        "size": report.size,
+        "seconds": seconds,
+        "train_seconds": dense["seconds"],
+        "curvature_seconds": pruner.seconds,
+        "layers": {leaf.path: leaf.sparsity for leaf in report.leaves},
+        "params": params,
+    }
+
+
 def _jobs(config: RunConfig) -> list[Job]:
     jobs = []
     for method in config.methods:
-        for target in method.sparsities or (0.0,):
+        for target in method.targets or (0.0,):
             for seed in config.seeds:
                 jobs.append(Job(method, target, seed))
     return jobs
@@ -374,13 +450,25 @@ def run_training(
     its final ``params``)."""
     net = model(config.model, config.hidden)
     splits: dict[int, data.Split] = {}
+    # Dense training is the same for every post-training method (and the
+    # dense method) of a seed: it runs once, and each pruner's curvature
+    # once per seed.
+    dense_rows: dict[int, dict[str, Any]] = {}
+    pruners: dict[tuple[int, str], post_training.OneShot] = {}
     rows = []
+
+    def split_of(job: Job) -> data.Split:
+        seed = 0 if config.dataset == "mnist" else job.seed
+        if seed not in splits:
+            splits[seed] = load_split(config, seed)
+        return splits[seed]
+
+    jobs = _jobs(config)
+    first = split_of(jobs[0])
+    check_post_training(config, net, first.x_train.shape[1], first.num_classes)
     with _progress(progress) as bars:
-        for job in _jobs(config):
-            seed = 0 if config.dataset == "mnist" else job.seed
-            if seed not in splits:
-                splits[seed] = load_split(config, seed)
-            split = splits[seed]
+        for job in jobs:
+            split = split_of(job)
             total = config.epochs * (len(split.y_train) // config.batch_size)
             task = bars.add_task(job.label, total=total, status="")
 
@@ -394,19 +482,42 @@ def run_training(
                     + ("" if moved is None else f", mask moved {moved:.1%}"),
                 )
 
-            row = train(
-                config,
-                job,
-                split,
-                net,
-                checkpoint_dir=None
-                if checkpoint_root is None
-                else checkpoint_root / job.slug,
-                stop_at_step=stop_at_step,
-                report=report,
-            )
+            method = job.method
+            reuse = method.method in ("dense", "post-training")
+            row = dense_rows.get(job.seed) if reuse else None
             if row is None:
-                continue
+                row = train(
+                    config,
+                    job,
+                    split,
+                    net,
+                    checkpoint_dir=None
+                    if checkpoint_root is None
+                    else checkpoint_root / job.slug,
+                    stop_at_step=stop_at_step,
+                    report=report,
+                )
+                if row is None:
+                    continue
+                if reuse:
+                    dense_rows[job.seed] = {**row, "method": "dense", "kind": "dense"}
+            if method.method == "post-training":
+                key = (job.seed, method.name)
+                if key not in pruners:
+                    bars.update(task, status=f"preparing {method.pruner}")
+                    pruners[key] = post_training.one_shot_pruner(
+                        method.pruner,
+                        net.apply,
+                        row["params"],
+                        jnp.asarray(split.x_train[: method.calibration]),
+                        jnp.asarray(split.y_train[: method.calibration]),
+                        pattern=_pattern(method),
+                        distribution=_distribution(method),
+                        include=method.include,
+                    )
+                row = prune_trained(job, row, split, net, pruners[key])
+            elif method.method == "dense":
+                row = {**row, "method": method.name}
             bars.update(task, completed=total)
             rows.append(row)
     return rows
