@@ -102,6 +102,11 @@ def main():
         f"steps of {args.batch}x{context} in {time.perf_counter() - start:.0f} s; "
         f"train loss {np.mean(losses[:20]):.3f} -> {np.mean(losses[-20:]):.3f}"
     )
+    tenths = np.array_split(np.asarray(losses), 10)
+    print(
+        "train loss by tenth of training:",
+        " ".join(f"{np.mean(t):.3f}" for t in tenths),
+    )
     calibration = [jnp.asarray(lm.windows(train, context, 64, 1)[:, :context])]
     nm = js.NM(2, 4, axis=0)
     rows = {"dense": lambda: params}
