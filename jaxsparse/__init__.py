@@ -4,6 +4,7 @@ Public modules: :mod:`~jaxsparse.masks`, :mod:`~jaxsparse.structure`,
 :mod:`~jaxsparse.groups` (units traced from a model, shrink),
 :mod:`~jaxsparse.neurons` (data-driven unit criteria),
 :mod:`~jaxsparse.layerwise` (OBC and SparseGPT from calibration inputs),
+:mod:`~jaxsparse.ephemeral` (sparse activations, errors and gradients),
 :mod:`~jaxsparse.distribution`, :mod:`~jaxsparse.saliency`. The names most
 used are re-exported here.
 """
@@ -12,6 +13,7 @@ from jaxsparse import blocks as blocks
 from jaxsparse import curvature as curvature
 from jaxsparse import data as data
 from jaxsparse import distribution as distribution
+from jaxsparse import ephemeral as ephemeral
 from jaxsparse import fisher as fisher
 from jaxsparse import formats as formats
 from jaxsparse import groups as groups
