@@ -10,23 +10,37 @@ sparse for one step only.
 - :func:`topk_backward` (meProp) is the identity going forward and keeps
   only the ``k`` largest-magnitude entries of each example's error going
   backward.
+- :func:`topk_gradients`, :func:`threshold_gradients` and
+  :func:`deep_gradient_compression` are optax transforms that send only a
+  few entries of each update and keep the rest in their state until it
+  has grown large enough (error feedback); :func:`on_support` keeps an
+  optimizer's state only on a fixed mask's support.
 
 References:
   Hoefler et al. 2021, §2.3 (ephemeral sparsity); Ahmad & Scheinkman 2019,
   "How can we be so dense?" (k-winners-take-all); Makhzani & Frey 2014
-  (k-sparse autoencoders); Sun et al. 2017, "meProp", §2.
+  (k-sparse autoencoders); Sun et al. 2017, "meProp", §2; Stich, Cordonnier
+  & Jaggi 2018, "Sparsified SGD with memory"; Lin et al. 2018, "Deep
+  Gradient Compression", §3.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.extend.core as jex
 import jax.numpy as jnp
+import numpy as np
+import optax
 from flax import nnx
-from jax import lax
+from jax import lax, tree_util
+
+from jaxsparse import _tree
+from jaxsparse._types import LeafSelector, Mask
+from jaxsparse.distribution import Distribution, Uniform, topk_mask
 
 
 def _check_k(k: Any, size: int, where: str) -> None:
@@ -255,3 +269,313 @@ def activation_sparsity(fn: Any, *args: Any) -> dict[str, jax.Array]:
         f"relu_{i} {tuple(out.shape)}": jnp.mean((out == 0).astype(jnp.float32))
         for i, out in enumerate(found)
     }
+
+
+class ErrorFeedbackState(NamedTuple):
+    """State of :func:`topk_gradients` and :func:`threshold_gradients`."""
+
+    count: jax.Array
+    residual: optax.Updates
+    """What was not sent yet (0 on leaves always sent whole)."""
+
+
+class DGCState(NamedTuple):
+    """State of :func:`deep_gradient_compression`."""
+
+    count: jax.Array
+    momentum: optax.Updates
+    residual: optax.Updates
+
+
+def _at(value: Any, count: jax.Array) -> Any:
+    return value(count) if callable(value) else value
+
+
+def _check_updates(updates: Any, residual: Any, name: str) -> None:
+    _tree.check_same_tree(updates, residual, name="updates", ref_name=f"{name} state")
+
+
+def _send(acc: optax.Updates, mask: Mask) -> tuple[optax.Updates, optax.Updates]:
+    """``(sent, kept back)``: ``acc`` split by ``mask``; one of the two is 0
+    at every entry, so they add up to ``acc`` exactly (``None`` mask leaves
+    are sent whole)."""
+
+    def part(sending: bool):
+        def leaf(m, a):
+            if m is None:
+                return a if sending else jnp.zeros_like(a)
+            zero = jnp.zeros((), a.dtype)
+            return jnp.where(m, a, zero) if sending else jnp.where(m, zero, a)
+
+        return tree_util.tree_map(leaf, mask, acc, is_leaf=_tree.is_none)
+
+    return part(True), part(False)
+
+
+def _error_feedback(
+    select: Callable[[optax.Updates, jax.Array], Mask], error_feedback: bool, name: str
+) -> optax.GradientTransformation:
+    def init(params):
+        return ErrorFeedbackState(
+            jnp.zeros((), jnp.int32), tree_util.tree_map(jnp.zeros_like, params)
+        )
+
+    def update(updates, state, params=None):
+        del params
+        _check_updates(updates, state.residual, name)
+        acc = updates
+        if error_feedback:
+            acc = tree_util.tree_map(jnp.add, state.residual, updates)
+        sent, kept = _send(acc, select(acc, state.count))
+        residual = kept if error_feedback else state.residual
+        return sent, ErrorFeedbackState(state.count + 1, residual)
+
+    return optax.GradientTransformation(init, update)
+
+
+def _magnitudes(tree: optax.Updates) -> optax.Updates:
+    return tree_util.tree_map(jnp.abs, tree)
+
+
+def topk_gradients(
+    sparsity: float | optax.Schedule,
+    *,
+    error_feedback: bool = True,
+    distribution: Distribution = Uniform(),
+    include: LeafSelector = None,
+) -> optax.GradientTransformation:
+    """Sends only the largest entries of each update; with error feedback,
+    what is not sent is added to the next update instead of being lost.
+
+    Each step ``acc = residual + update``; the ``1 - sparsity`` fraction of
+    ``acc`` of largest magnitude is sent (the transform's output), the rest
+    becomes the new residual, so ``residual' + sent == residual + update``
+    exactly. Leaves ``include`` leaves out are sent whole.
+
+    Args:
+      sparsity: fraction of each selected update held back (0.99 sends 1 %),
+        in ``[0, 1)``; a float or a schedule of the step (e.g. a warm-up).
+      error_feedback: keep what is not sent (Stich et al.'s memory); off,
+        it is dropped.
+      distribution: how the entries sent are spread: ``Uniform()`` sends
+        the same fraction of every leaf (per layer, as DGC), ``Global()``
+        the largest entries of the whole model.
+      include: the leaves compressed (default: those of two or more
+        dimensions; biases and scales go whole).
+
+    Returns:
+      An ``optax.GradientTransformation``; put it before the optimizer:
+      ``optax.chain(topk_gradients(0.99), optax.sgd(lr))``.
+
+    Raises:
+      ValueError: a concrete sparsity outside ``[0, 1)``, or updates whose
+        tree differs from the state's (naming the leaf).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxsparse import ephemeral
+      >>> tx = ephemeral.topk_gradients(0.5)
+      >>> g = {"w": jnp.array([[1.0, -4.0], [0.5, 2.0]])}
+      >>> sent, state = tx.update(g, tx.init(g))
+      >>> sent["w"].tolist(), state.residual["w"].tolist()
+      ([[0.0, -4.0], [0.0, 2.0]], [[1.0, 0.0], [0.5, 0.0]])
+
+    References:
+      Stich, Cordonnier & Jaggi 2018, Algorithm 1 (top-k with memory);
+      Hoefler et al. 2021, §2.3.
+    """
+    if not callable(sparsity):
+        _tree.check_sparsity(sparsity, where="topk_gradients: sparsity")
+
+    def select(acc, count):
+        return topk_mask(
+            _magnitudes(acc),
+            _at(sparsity, count),
+            distribution=distribution,
+            include=include,
+        )
+
+    return _error_feedback(select, error_feedback, "topk_gradients")
+
+
+def threshold_gradients(
+    threshold: float | optax.Schedule,
+    *,
+    error_feedback: bool = True,
+    include: LeafSelector = None,
+) -> optax.GradientTransformation:
+    """Sends the entries of each update whose magnitude (with the residual
+    added) reaches ``threshold``; with error feedback the rest waits.
+
+    Args:
+      threshold: a non-negative float or a schedule of the step.
+      error_feedback: keep what is not sent.
+      include: the leaves compressed (default: two or more dimensions).
+
+    Returns:
+      An ``optax.GradientTransformation`` (state :class:`ErrorFeedbackState`).
+
+    Raises:
+      ValueError: a negative concrete threshold, or updates whose tree
+        differs from the state's.
+
+    References:
+      Strom 2015, "Scalable distributed DNN training using commodity GPU
+      cloud computing" (threshold with residual); Hoefler et al. 2021, §2.3.
+    """
+    if not callable(threshold) and not threshold >= 0:
+        raise ValueError(
+            f"threshold_gradients: threshold must be >= 0, got {threshold!r}"
+        )
+
+    def select(acc, count):
+        t = _at(threshold, count)
+        return _tree.map_selected(lambda _, a: jnp.abs(a) >= t, acc, include)
+
+    return _error_feedback(select, error_feedback, "threshold_gradients")
+
+
+def deep_gradient_compression(
+    sparsity: float | optax.Schedule,
+    *,
+    momentum: float = 0.9,
+    distribution: Distribution = Uniform(),
+    include: LeafSelector = None,
+) -> optax.GradientTransformation:
+    """Deep Gradient Compression: top-k with momentum correction and
+    momentum factor masking.
+
+    Each step ``u = momentum * u + g``, ``v = v + u``; the largest
+    ``1 - sparsity`` of ``v`` is sent and removed from ``v``, and the
+    momentum ``u`` of the entries sent is reset to 0. The momentum lives
+    here, so follow it with plain SGD:
+    ``optax.chain(deep_gradient_compression(0.999), optax.sgd(lr))``.
+
+    Args:
+      sparsity: fraction held back, in ``[0, 1)``, or a schedule (DGC warms
+        it up: 75 %, 93.75 %, ... 99.9 % over the first epochs).
+      momentum: the momentum coefficient.
+      distribution: ``Uniform()`` (per layer, as the paper) or ``Global()``.
+      include: the leaves compressed (default: two or more dimensions).
+
+    Returns:
+      An ``optax.GradientTransformation`` (state :class:`DGCState`).
+
+    Raises:
+      ValueError: a concrete sparsity outside ``[0, 1)``, a momentum
+        outside ``[0, 1)``, or updates whose tree differs from the state's.
+
+    References:
+      Lin et al. 2018, "Deep Gradient Compression", §3.1-3.2 and
+      Algorithm 1; Hoefler et al. 2021, §2.3.
+    """
+    if not callable(sparsity):
+        _tree.check_sparsity(sparsity, where="deep_gradient_compression: sparsity")
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(
+            f"deep_gradient_compression: momentum must be in [0, 1), got {momentum!r}"
+        )
+
+    def init(params):
+        zeros = tree_util.tree_map(jnp.zeros_like, params)
+        return DGCState(jnp.zeros((), jnp.int32), zeros, zeros)
+
+    def update(updates, state, params=None):
+        del params
+        _check_updates(updates, state.residual, "deep_gradient_compression")
+        u = tree_util.tree_map(lambda m, g: momentum * m + g, state.momentum, updates)
+        v = tree_util.tree_map(jnp.add, state.residual, u)
+        mask = topk_mask(
+            _magnitudes(v),
+            _at(sparsity, state.count),
+            distribution=distribution,
+            include=include,
+        )
+        sent, residual = _send(v, mask)
+        _, u = _send(u, mask)
+        return sent, DGCState(state.count + 1, u, residual)
+
+    return optax.GradientTransformation(init, update)
+
+
+class OnSupportState(NamedTuple):
+    """State of :func:`on_support`: the inner optimizer's state over the
+    kept entries only (one flat vector per leaf)."""
+
+    inner: optax.OptState
+
+
+def on_support(
+    inner: optax.GradientTransformation, mask: Mask
+) -> optax.GradientTransformation:
+    """Runs ``inner`` on the kept entries of a fixed ``mask`` only, so its
+    state (Adam's moments, ...) holds one value per kept weight instead of
+    one per weight; pruned entries get a 0 update.
+
+    Args:
+      inner: any optimizer or transform that works entry by entry.
+      mask: a concrete mask pytree (``None`` leaves are kept whole); fixed
+        for the life of the transform.
+
+    Returns:
+      An ``optax.GradientTransformation`` (state :class:`OnSupportState`).
+
+    Raises:
+      ValueError: params or updates whose tree or shapes differ from the
+        mask's (naming the leaf).
+      TypeError: a traced mask.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> from jaxsparse import ephemeral
+      >>> params = {"w": jnp.ones((2, 3))}
+      >>> tx = ephemeral.on_support(optax.adam(0.1), {"w": jnp.eye(2, 3, dtype=bool)})
+      >>> tx.init(params).inner[0].mu["w"].shape
+      (2,)
+
+    References:
+      Hoefler et al. 2021, §2.3 (sparse optimizer state) and §8.
+    """
+    try:
+        support = tree_util.tree_map(
+            lambda m: None if m is None else np.flatnonzero(np.asarray(m)),
+            mask,
+            is_leaf=_tree.is_none,
+        )
+    except jax.errors.TracerArrayConversionError:
+        raise TypeError(
+            "on_support: the mask must be concrete (fixed before training)"
+        ) from None
+
+    def gather(tree):
+        _tree.check_same_tree(tree, mask, name="mask", ref_name="params")
+        return tree_util.tree_map(
+            lambda idx, x: x if idx is None else x.reshape(-1)[idx],
+            support,
+            tree,
+            is_leaf=_tree.is_none,
+        )
+
+    def scatter(flat, like):
+        return tree_util.tree_map(
+            lambda idx, f, x: (
+                f
+                if idx is None
+                else jnp.zeros(x.size, f.dtype).at[idx].set(f).reshape(x.shape)
+            ),
+            support,
+            flat,
+            like,
+            is_leaf=_tree.is_none,
+        )
+
+    def init(params):
+        return OnSupportState(inner.init(gather(params)))
+
+    def update(updates, state, params=None):
+        compressed, new = inner.update(
+            gather(updates), state.inner, None if params is None else gather(params)
+        )
+        return scatter(compressed, updates), OnSupportState(new)
+
+    return optax.GradientTransformation(init, update)
