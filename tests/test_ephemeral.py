@@ -3,6 +3,10 @@ example and where the gradient goes, meProp's unchanged forward pass and
 top-k backward pass, ReLU sparsity found in any model's jaxpr, and the
 errors for bad k."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import NamedTuple
 
 import jax
@@ -391,3 +395,35 @@ def test_compression_errors_name_what_is_wrong():
         jax.jit(lambda m: eph.on_support(optax.sgd(1.0), m).init({"w": m}))(
             jnp.ones((2, 2), bool)
         )
+
+
+@pytest.mark.parametrize("axis_type", ["Explicit", "Auto"])
+def test_sparse_allreduce_in_shard_map_is_exact(axis_type):
+    """8 virtual devices need their own process (XLA fixes the count at
+    start): tests/sharded_exchange.py checks the dense all-reduce bitwise
+    and the top-k exchange against numpy, in float64."""
+    script = Path(__file__).with_name("sharded_exchange.py")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    result = subprocess.run(
+        [sys.executable, str(script), axis_type],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"{axis_type}: sparse all-reduce exact" in result.stdout
+
+
+def test_exchange_bits_count_values_and_indices():
+    tree = {"w": jnp.zeros((300, 100)), "b": jnp.zeros(100, jnp.bfloat16)}
+    bits = eph.exchange_bits(tree, 0.99, 4)
+    # w: 300 of 30,000 float32 entries sent; b: 1 of 100 bfloat16 entries.
+    assert bits.dense == 2 * 3 * 30_000 * 32 // 4 + 2 * 3 * 100 * 16 // 4
+    assert bits.sparse == 3 * (300 * (32 + 32) + 1 * (16 + 32))
+    assert bits.coo == 3 * (300 * (32 + 15) + 1 * (16 + 7))
+    assert eph.exchange_bits(tree, 0.0, 1).dense == 0
+    with pytest.raises(ValueError, match=r"exchange_bits: sparsity must be in"):
+        eph.exchange_bits(tree, 1.0, 4)
+    with pytest.raises(ValueError, match="devices"):
+        eph.exchange_bits(tree, 0.5, 0)
