@@ -199,3 +199,18 @@ def keyword_caller(
         return fn(**{k: v for k, v in available.items() if k in wanted})
 
     return call, wanted
+
+
+def sharded_like(x: jax.Array, ref: Any) -> jax.Array:
+    """``x`` with ``ref``'s sharding where ``ref``'s type carries one
+    (Explicit mesh axes), else ``x`` as it is: a mask built from scratch
+    then has the type of the masks later steps compute from the params."""
+    sharding = jax.typeof(ref).sharding
+    if all(axis is None for axis in getattr(sharding, "spec", ())):
+        return x
+    concrete = getattr(ref, "sharding", None)
+    if not isinstance(ref, jax.core.Tracer) and isinstance(
+        concrete, jax.sharding.NamedSharding
+    ):
+        return jax.device_put(x, concrete)
+    return jax.sharding.reshard(x, sharding)

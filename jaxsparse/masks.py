@@ -13,8 +13,10 @@ References:
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -33,8 +35,10 @@ def dense_mask(params: Params, *, include: LeafSelector = None) -> Mask:
       {'b': None, 'w': Array([[ True,  True],
              [ True,  True]], dtype=bool)}
     """
+    # ones_like keeps each leaf's sharding: under an Explicit mesh the mask
+    # then has the type every later mask of the leaf has.
     return _tree.map_selected(
-        lambda _, x: jnp.ones(jnp.shape(x), jnp.bool_), params, include
+        lambda _, x: jnp.ones_like(x, dtype=jnp.bool_), params, include
     )
 
 
@@ -134,3 +138,69 @@ def effective_mask(opt_state: Any) -> Mask:
             is_leaf=_tree.is_none,
         )
     return merged
+
+
+def _digest(x: Any) -> np.uint32:
+    data = np.ascontiguousarray(np.asarray(x))
+    raw = hashlib.blake2b(data.tobytes(), digest_size=4).digest()
+    # 0 marks "not held here"; a real digest of 0 becomes 1.
+    return np.uint32(max(1, int.from_bytes(raw, "little")))
+
+
+def _part_digests(leaf: Any) -> np.ndarray:
+    """One digest per distinct part of ``leaf`` (its shards, in the global
+    sharding's order; the whole leaf for a host array), 0 for the parts
+    this process does not hold."""
+    if not isinstance(leaf, jax.Array):
+        return np.array([_digest(leaf)], np.uint32)
+    parts = sorted(
+        {str(i) for i in leaf.sharding.devices_indices_map(leaf.shape).values()}
+    )
+    held = {str(s.index): _digest(s.data) for s in leaf.addressable_shards}
+    return np.array([held.get(p, 0) for p in parts], np.uint32)
+
+
+def check_same_across_processes(tree: Any, *, name: str = "mask") -> None:
+    """Raises if the processes of a multi-process run hold different values
+    of ``tree`` (a mask built from another key or other data on one host),
+    naming the first leaf that differs; call it before the first step.
+    A no-op in a single process.
+
+    Every process hashes the parts of each leaf it holds; the hashes are
+    gathered and each part must hash alike wherever it is held.
+
+    Raises:
+      ValueError: naming the leaf and two processes that disagree.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxsparse as js
+      >>> js.masks.check_same_across_processes({"w": jnp.ones((2, 2), bool)})
+
+    References:
+      Hoefler et al. 2021, §8 (data-parallel sparse training needs one mask).
+    """
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    leaves = [(p, x) for p, x in _tree.leaves_with_path(tree) if x is not None]
+    local = [_part_digests(x) for _, x in leaves]
+    if not local:
+        return
+    sizes = [len(d) for d in local]
+    gathered = np.asarray(
+        multihost_utils.process_allgather(np.concatenate(local)), np.uint32
+    ).reshape(jax.process_count(), -1)
+    start = 0
+    for (path, _), size in zip(leaves, sizes):
+        block = gathered[:, start : start + size]
+        start += size
+        for part in block.T:
+            held = np.flatnonzero(part)
+            if len(held) and np.any(part[held] != part[held[0]]):
+                other = held[np.argmax(part[held] != part[held[0]])]
+                raise ValueError(
+                    f"{_tree.path_str(path)}: processes {held[0]} and {other} hold "
+                    f"different values of this {name}; build it from the same key "
+                    "and data on every process"
+                )

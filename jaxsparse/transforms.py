@@ -37,6 +37,7 @@ from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax import lax, tree_util
 
@@ -72,17 +73,34 @@ def _criterion_caller(criterion: Criterion, name: str):
     return call, wanted is None or "key" in wanted
 
 
-def _key_array(key: Any, needed: bool, name: str) -> jax.Array:
+def _key_array(key: Any, needed: bool, name: str) -> Callable[[], jax.Array]:
+    """The key's raw data, made anew by each ``init`` (so that under a mesh
+    it has the same type as the state a step returns)."""
     if key is None:
         if needed:
             raise ValueError(f"{name} needs a PRNG key: pass key=jax.random.key(...)")
         # A placeholder of the right type: no criterion of this transform reads it.
-        return jax.random.key_data(jax.random.key(0))
+        key = 0
     if isinstance(key, int):
-        return jax.random.key_data(jax.random.key(key))
-    if jnp.issubdtype(jnp.asarray(key).dtype, jax.dtypes.prng_key):
-        return jax.random.key_data(key)
-    return jnp.asarray(key, jnp.uint32)
+        data = jax.random.key_data(jax.random.key(key))
+    elif jnp.issubdtype(jnp.asarray(key).dtype, jax.dtypes.prng_key):
+        data = jax.random.key_data(key)
+    else:
+        data = jnp.asarray(key, jnp.uint32)
+    if isinstance(data, jax.core.Tracer):
+        return lambda: data
+    host = np.asarray(data)
+    return lambda: jnp.asarray(host)
+
+
+def _like_params(mask: Mask, params: Params) -> Mask:
+    """Each mask leaf sharded as its param (for Explicit mesh axes)."""
+    return tree_util.tree_map(
+        lambda m, p: None if m is None else _tree.sharded_like(m, p),
+        mask,
+        params,
+        is_leaf=_tree.is_none,
+    )
 
 
 def _masked_updates(updates: Any, mask: Mask, params: Params) -> Any:
@@ -276,13 +294,14 @@ class PruneState(NamedTuple):
 
 
 def _chain_form(rule: _MaskRule, key: Any, name: str):
-    key_data = _key_array(key, rule.needs_key, name)
+    new_key = _key_array(key, rule.needs_key, name)
 
     def init(params):
+        key_data = new_key()
         key_ = jax.random.wrap_key_data(key_data)
         return PruneState(
             jnp.zeros((), jnp.int32),
-            rule.init_mask(params, key_),
+            _like_params(rule.init_mask(params, key_), params),
             key_data,
             rule.init_schedule(),
             _saved_init(rule, params),
@@ -412,12 +431,15 @@ def _wrapper_form(inner: optax.GradientTransformation, rule: _MaskRule, key, nam
     if not isinstance(inner, optax.GradientTransformation):
         raise TypeError(f"{name}: inner must be an optax GradientTransformation")
     inner = optax.with_extra_args_support(inner)
-    key_data = _key_array(key, rule.needs_key, name)
+    new_key = _key_array(key, rule.needs_key, name)
 
     def init(params):
+        key_data = new_key()
         return SparsifyState(
             jnp.zeros((), jnp.int32),
-            rule.init_mask(params, jax.random.wrap_key_data(key_data)),
+            _like_params(
+                rule.init_mask(params, jax.random.wrap_key_data(key_data)), params
+            ),
             key_data,
             rule.init_schedule(),
             inner.init(params),
