@@ -73,7 +73,7 @@ def _criterion_caller(criterion: Criterion, name: str):
     return call, wanted is None or "key" in wanted
 
 
-def _key_array(key: Any, needed: bool, name: str) -> Callable[[], jax.Array]:
+def _key_maker(key: Any, needed: bool, name: str) -> Callable[[], jax.Array]:
     """The key's raw data, made anew by each ``init`` (so that under a mesh
     it has the same type as the state a step returns)."""
     if key is None:
@@ -294,7 +294,7 @@ class PruneState(NamedTuple):
 
 
 def _chain_form(rule: _MaskRule, key: Any, name: str):
-    new_key = _key_array(key, rule.needs_key, name)
+    new_key = _key_maker(key, rule.needs_key, name)
 
     def init(params):
         key_data = new_key()
@@ -431,7 +431,7 @@ def _wrapper_form(inner: optax.GradientTransformation, rule: _MaskRule, key, nam
     if not isinstance(inner, optax.GradientTransformation):
         raise TypeError(f"{name}: inner must be an optax GradientTransformation")
     inner = optax.with_extra_args_support(inner)
-    new_key = _key_array(key, rule.needs_key, name)
+    new_key = _key_maker(key, rule.needs_key, name)
 
     def init(params):
         key_data = new_key()
