@@ -134,12 +134,15 @@ def main() -> None:
     if args.child is not None:
         print(json.dumps(measure(args.child, args.repeats)))
         return
-    results = []
-    for n in args.devices:
-        env = dict(os.environ)
-        import jax
+    import jax
 
-        if jax.default_backend() == "cpu":
+    cpu = jax.default_backend() == "cpu"
+    # Real devices (GPU, TPU): only the counts the host has.
+    counts = [n for n in args.devices if cpu or n <= jax.device_count()]
+    results = []
+    for n in counts:
+        env = dict(os.environ)
+        if cpu:
             env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n}"
         out = subprocess.run(
             [
@@ -156,8 +159,6 @@ def main() -> None:
             check=True,
         )
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    import jax
-
     print(f"backend {jax.default_backend()}, MLP {MODEL}, batch {BATCH}")
     names = list(results[0]["steps"])
     header = "".join(f"{r['devices']:>12} dev" for r in results)
