@@ -11,25 +11,24 @@ mask, which the consistency check must refuse before any step.
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+if __name__ == "__main__":  # pytest's doctest collection imports this file too
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
 
 import jax
+import numpy as np
+import optax
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-jax.config.update("jax_cpu_collectives_implementation", "gloo")
-
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from jax.experimental import multihost_utils  # noqa: E402
-from jax.sharding import NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
-
-import jaxsparse as js  # noqa: E402
-from jaxsparse.experiments.models import init_mlp, mlp  # noqa: E402
+import jaxsparse as js
+from jaxsparse.experiments.models import init_mlp, mlp
 
 STEPS = 12
 
 
 def main(pid: int, port: str, out: str, disagree: bool) -> None:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(
         coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=pid
     )

@@ -6,16 +6,15 @@ a mismatch."""
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+if __name__ == "__main__":  # pytest's doctest collection imports this file too
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 
 import jax
 import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-jax.config.update("jax_enable_x64", True)
-
-from jaxsparse import ephemeral as eph  # noqa: E402
+from jaxsparse import ephemeral as eph
 
 
 def device_topk(x, sparsity):
@@ -31,6 +30,7 @@ def device_topk(x, sparsity):
 
 
 def main(axis_type: str) -> None:
+    jax.config.update("jax_enable_x64", True)
     assert jax.device_count() == 8, jax.devices()
     kind = getattr(jax.sharding.AxisType, axis_type)
     mesh = jax.make_mesh((8,), ("data",), axis_types=(kind,))
