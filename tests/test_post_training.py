@@ -44,6 +44,7 @@ def test_every_pruner_hits_its_target_per_kernel_and_leaves_params_alone(model, 
 
 def test_each_pruner_is_the_library_method_it_names(model):
     params, x, y = model
+    x, y = x[:32], y[:32]  # the exact diagonal takes one HVP per weight
     uniform = js.Uniform()
 
     def by(scores):
