@@ -34,6 +34,7 @@ def run(axis_type, *models):
     return result.stdout
 
 
+@pytest.mark.slow
 def test_prune_and_rigl_train_an_mlp_sharded_as_on_one_device():
     out = run("Explicit", "mlp")
     assert "Explicit mlp prune: masks identical at every step" in out
@@ -83,6 +84,7 @@ def two_processes(tmp_path, *extra):
     return outs
 
 
+@pytest.mark.slow
 def test_two_processes_train_with_the_same_masks_and_params(tmp_path):
     outs = two_processes(tmp_path)
     for pid, (code, out) in enumerate(outs):
