@@ -3,10 +3,6 @@ example and where the gradient goes, meProp's unchanged forward pass and
 top-k backward pass, ReLU sparsity found in any model's jaxpr, and the
 errors for bad k."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 from typing import NamedTuple
 
 import jax
@@ -15,6 +11,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from virtual_devices import run_script
 
 import jaxsparse as js
 from jaxsparse import ephemeral as eph
@@ -402,17 +399,8 @@ def test_sparse_allreduce_in_shard_map_is_exact(axis_type):
     """8 virtual devices need their own process (XLA fixes the count at
     start): tests/sharded_exchange.py checks the dense all-reduce bitwise
     and the top-k exchange against numpy, in float64."""
-    script = Path(__file__).with_name("sharded_exchange.py")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    result = subprocess.run(
-        [sys.executable, str(script), axis_type],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert f"{axis_type}: sparse all-reduce exact" in result.stdout
+    out = run_script("sharded_exchange.py", axis_type)
+    assert f"{axis_type}: sparse all-reduce exact" in out
 
 
 def test_exchange_bits_count_values_and_indices():

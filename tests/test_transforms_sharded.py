@@ -16,22 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-SCRIPT = Path(__file__).with_name("sharded_training.py")
+from virtual_devices import run_script
 
 
 def run(axis_type, *models):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), axis_type, *models],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=900,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert f"{axis_type}: sharded training matches" in result.stdout
-    return result.stdout
+    out = run_script("sharded_training.py", axis_type, *models, timeout=900)
+    assert f"{axis_type}: sharded training matches" in out
+    return out
 
 
 @pytest.mark.slow
