@@ -1,16 +1,20 @@
 """Exact selection of the lowest-scoring entries without sorting.
 
-The k lowest of n scores are found by bisection on the bits of an order key:
-a float's bit pattern mapped to an unsigned integer that sorts like the float
-(NaN lowest). Each of the key's 32 (64 for float64) bits costs one fused
-compare-and-count pass, so the work is O(n) per bit, the number selected can
-be a traced value, and everything is elementwise or a full reduction, which
-XLA shards without gathers. Ties at the threshold are broken by a second
-bisection on the position (later positions are pruned first).
+Scores are compared through an order key: a float's bit pattern mapped to
+an unsigned integer that sorts like the float (NaN lowest). The k lowest of
+n are those below a threshold key found by compare-and-count passes, each
+O(n), elementwise and a full reduction, so the number selected can be a
+traced value and XLA shards every pass without gathers. Ties at the
+threshold are broken by position (later positions are pruned first).
+
+:func:`prune_lowest` finds the threshold from a sample and interpolation in
+a handful of passes; :func:`prune_lowest_by_bisection`, one pass per key bit,
+is the reference it is tested against.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -38,12 +42,26 @@ def order_key(scores: jax.Array, float_dtype: np.dtype | None = None) -> jax.Arr
     key so they tie, as they compare equal.
     """
     fdt, udt = _key_dtypes(float_dtype or scores.dtype)
-    x = scores.astype(fdt)
-    x = jnp.where(x == 0, jnp.zeros((), fdt), x)
-    bits = lax.bitcast_convert_type(x, udt)
+    bits = lax.bitcast_convert_type(scores.astype(fdt), udt)
+    # Integer tests only: XLA's CPU backend treats subnormals as zero in float
+    # compares, and not in every fusion alike, which would tie them in one
+    # pass and order them in the next.
     sign_bit = jnp.asarray(1 << (8 * udt.itemsize - 1), udt)
+    magnitude = bits & ~sign_bit
+    bits = jnp.where(magnitude == 0, magnitude, bits)
     key = jnp.where((bits & sign_bit) != 0, ~bits, bits | sign_bit)
-    return jnp.where(jnp.isnan(x), jnp.zeros((), udt), key)
+    inf_bits = lax.bitcast_convert_type(jnp.asarray(jnp.inf, fdt), udt)
+    return jnp.where(magnitude > inf_bits, jnp.zeros((), udt), key)
+
+
+def _key_value(key: jax.Array, float_dtype: np.dtype) -> jax.Array:
+    """The float whose :func:`order_key` is ``key`` (NaN for key 0 and for
+    keys above infinity's)."""
+    udt = key.dtype
+    sign_bit = jnp.asarray(1 << (8 * udt.itemsize - 1), udt)
+    bits = jnp.where((key & sign_bit) != 0, key ^ sign_bit, ~key)
+    value = lax.bitcast_convert_type(bits, float_dtype)
+    return jnp.where(key == 0, jnp.asarray(jnp.nan, float_dtype), value)
 
 
 def num_pruned(sparsity, size: int) -> jax.Array | int:
@@ -68,12 +86,43 @@ def _flat_index(shape: tuple[int, ...], offset: int) -> jax.Array:
     return (jnp.arange(int(np.prod(shape)), dtype=jnp.uint32) + offset).reshape(shape)
 
 
-def prune_lowest(
+def _prepared(groups, counts, valid, count_true):
+    """Keys, key dtype, valid arrays, group sizes, valid counts and clipped
+    counts, as both searches start."""
+    wide = any(jnp.dtype(s.dtype).itemsize == 8 for g in groups for s in g)
+    fdt = jnp.dtype(jnp.float64 if wide else jnp.float32)
+    _, udt = _key_dtypes(fdt)
+    keys = [[order_key(s, fdt) for s in g] for g in groups]
+    if valid is None:
+        valid = [[None] * len(g) for g in groups]
+    sizes = [sum(int(np.prod(s.shape)) for s in g) for g in groups]
+    if max(sizes) > _MAX_GROUP_SIZE:
+        raise ValueError(
+            f"selection over {max(sizes)} entries exceeds the supported "
+            f"{_MAX_GROUP_SIZE}; select layer-wise or in smaller groups"
+        )
+    n_valid, ks = [], []
+    for g, k in enumerate(counts):
+        n = sum(
+            count_true(v) if v is not None else int(np.prod(s.shape))
+            for s, v in zip(groups[g], valid[g])
+        )
+        n_valid.append(jnp.asarray(n, jnp.int32))
+        ks.append(jnp.clip(jnp.asarray(k, jnp.int32), 0, n))
+    return keys, udt, valid, sizes, n_valid, ks
+
+
+def prune_lowest_by_bisection(
     groups: Sequence[Sequence[jax.Array]],
     counts: Sequence[jax.Array | int],
     valid: Sequence[Sequence[jax.Array | None]] | None = None,
 ) -> list[list[jax.Array]]:
-    """Boolean "pruned" arrays marking exactly ``counts[g]`` lowest entries.
+    """The reference for :func:`prune_lowest`: the same result, bit by bit.
+
+    Builds each group's threshold one key bit per pass (about log2(n)
+    compare-and-count passes), then breaks ties by bisecting on the
+    position. Kept as the independent computation the faster search is
+    tested against.
 
     Each group is a list of score arrays sharing one threshold (one leaf for
     layer-wise selection, every leaf for global selection). All groups are
@@ -92,36 +141,15 @@ def prune_lowest(
     all_scores = [s for g in groups for s in g]
     if not all_scores:
         return [[] for _ in groups]
-    wide = any(jnp.dtype(s.dtype).itemsize == 8 for s in all_scores)
-    fdt = jnp.dtype(jnp.float64 if wide else jnp.float32)
-    _, udt = _key_dtypes(fdt)
+    count_true = functools.partial(jnp.sum, dtype=jnp.int32)
+    keys, udt, valid, sizes, _, ks = _prepared(groups, counts, valid, count_true)
     nbits = 8 * udt.itemsize
-    keys = [[order_key(s, fdt) for s in g] for g in groups]
-    if valid is None:
-        valid = [[None] * len(g) for g in groups]
 
     def masked(x, v):
         return x if v is None else x & v
 
     def count(pred_per_leaf, g):
-        return sum(
-            jnp.sum(masked(p, v), dtype=jnp.int32)
-            for p, v in zip(pred_per_leaf, valid[g])
-        )
-
-    sizes = [sum(int(np.prod(s.shape)) for s in g) for g in groups]
-    if max(sizes) > _MAX_GROUP_SIZE:
-        raise ValueError(
-            f"selection over {max(sizes)} entries exceeds the supported "
-            f"{_MAX_GROUP_SIZE}; select layer-wise or in smaller groups"
-        )
-    ks = []
-    for g, k in enumerate(counts):
-        n_valid = sum(
-            jnp.sum(v, dtype=jnp.int32) if v is not None else int(np.prod(s.shape))
-            for s, v in zip(groups[g], valid[g])
-        )
-        ks.append(jnp.clip(jnp.asarray(k, jnp.int32), 0, n_valid))
+        return sum(count_true(masked(p, v)) for p, v in zip(pred_per_leaf, valid[g]))
 
     # Build the k-th smallest key bit by bit from the top. A candidate that
     # has exactly k keys below it ends the search for its group early (the
@@ -194,4 +222,356 @@ def prune_lowest(
     return [
         [b | (t & (p >= c)) for b, t, p in zip(bg, tg, pg)]
         for bg, tg, pg, c in zip(below, ties, positions, cuts)
+    ]
+
+
+# Fixed pseudo-random sample positions: the sample only guides the search,
+# so any positions give the same result, and fixed ones keep it jittable.
+_SAMPLE_SIZE = 256
+_COLUMNS = 128
+# A bracket holding at most this many entries is finished by gathering them.
+_FEW = 64
+
+
+def _count(pred: jax.Array) -> jax.Array:
+    """The number of True entries, as int32.
+
+    Counted in uint8 down columns of 128 first: XLA's CPU backend vectorizes
+    a same-type column sum but not a widening one, which is 5x slower; the
+    partial counts cannot overflow (at most 128 each).
+    """
+    flat = pred.reshape(-1)
+    main = flat.size // _COLUMNS * _COLUMNS
+    if main == 0:
+        return jnp.sum(flat, dtype=jnp.int32)
+    columns = jnp.sum(
+        flat[:main].reshape(_COLUMNS, -1).astype(jnp.uint8), axis=0, dtype=jnp.uint8
+    )
+    total = jnp.sum(columns, dtype=jnp.int32)
+    if main < flat.size:
+        total = total + jnp.sum(flat[main:], dtype=jnp.int32)
+    return total
+
+
+def _sample_positions(sizes: Sequence[int]) -> list[np.ndarray]:
+    """Per leaf, sorted flat positions of about ``_SAMPLE_SIZE`` in all."""
+    total = sum(sizes)
+    rng = np.random.default_rng(0)
+    out = []
+    for size in sizes:
+        take = min(size, max(1, -(-_SAMPLE_SIZE * size // total)))
+        pos = rng.choice(size, take, replace=False) if take < size else np.arange(size)
+        out.append(np.sort(pos))
+    return out
+
+
+def _sample_guesses(keys, valid, k, n_valid) -> tuple[jax.Array, jax.Array]:
+    """Two probes from a sample that bracket the k-th lowest key with high
+    probability: the sampled key about two standard deviations of the
+    estimate below it, and the key just above the one as far above it (so a
+    value shared by many entries, such as the zeros of pruned weights, ends
+    up inside the bracket as a whole)."""
+    sizes = [int(np.prod(x.shape)) for x in keys]
+    pos = _sample_positions(sizes)
+    sample = jnp.concatenate([x.reshape(-1)[p] for x, p in zip(keys, pos)])
+    ok = jnp.concatenate(
+        [
+            jnp.ones(p.size, bool) if v is None else v.reshape(-1)[p]
+            for v, p in zip(valid, pos)
+        ]
+    )
+    # Each sampled key's rank among the valid sample, ties by position.
+    index = jnp.arange(sample.size)
+    earlier = (sample[None, :] < sample[:, None]) | (
+        (sample[None, :] == sample[:, None]) & (index[None, :] < index[:, None])
+    )
+    rank = jnp.sum(earlier & ok[None, :], axis=1, dtype=jnp.int32)
+    m = jnp.sum(ok, dtype=jnp.int32).astype(jnp.float32)
+    f = k.astype(jnp.float32) / jnp.maximum(n_valid, 1).astype(jnp.float32)
+    r = f * m
+    # A sample of the whole group gives the k-th key itself.
+    whole = sum(p.size for p in pos) == sum(sizes)
+    spread = 0.0 if whole else 2.0 * jnp.sqrt(r * (1.0 - f)) + 1.0
+    last = jnp.maximum(m - 1.0, 0.0)
+
+    def at_rank(x):
+        j = jnp.clip(jnp.floor(x), 0.0, last).astype(jnp.int32)
+        return jnp.max(jnp.where(ok & (rank == j), sample, 0).astype(sample.dtype))
+
+    return at_rank(r - spread), at_rank(r + spread) + 1
+
+
+def _gather_few(inside, key, pos):
+    """Keys, positions and flags of candidates that include every entry where
+    ``inside`` holds (at most ``_FEW`` of them): whole columns of the layout
+    ``_count`` reads, found from its per-column counts, plus the tail."""
+    inside, key, pos = (x.reshape(-1) for x in (inside, key, pos))
+    main = inside.size // _COLUMNS * _COLUMNS
+    parts = []
+    if main:
+        grid = (_COLUMNS, -1)
+        held = (
+            jnp.sum(
+                inside[:main].reshape(grid).astype(jnp.uint8), axis=0, dtype=jnp.uint8
+            )
+            > 0
+        )
+        cols = jnp.nonzero(held, size=min(_FEW, held.size), fill_value=0)[0]
+        # Slots past the held columns repeat column 0; they must not count.
+        fresh = jnp.arange(cols.size, dtype=jnp.int32) < _count(held)
+        parts.append(
+            (
+                key[:main].reshape(grid)[:, cols].reshape(-1),
+                pos[:main].reshape(grid)[:, cols].reshape(-1),
+                (inside[:main].reshape(grid)[:, cols] & fresh[None, :]).reshape(-1),
+            )
+        )
+    if main < inside.size:
+        parts.append((key[main:], pos[main:], inside[main:]))
+    return parts
+
+
+def _last_pruned(key, pos, ok, j, fallback):
+    """``(key, position)`` of the j-th (from 1) of the flagged entries in the
+    order key up, position down; ``fallback`` when none is flagged."""
+    idx = jnp.nonzero(ok, size=min(_FEW, ok.size), fill_value=0)[0]
+    fresh = jnp.arange(idx.size, dtype=jnp.int32) < _count(ok)
+    k, p = key[idx], pos[idx]
+    earlier = (k[None, :] < k[:, None]) | (
+        (k[None, :] == k[:, None]) & (p[None, :] > p[:, None])
+    )
+    rank = jnp.sum(earlier & fresh[None, :], axis=1, dtype=jnp.int32)
+    pick = fresh & (rank == j - 1)
+    found = jnp.any(pick)
+    return (
+        jnp.where(found, jnp.max(jnp.where(pick, k, 0).astype(k.dtype)), fallback[0]),
+        jnp.where(found, jnp.max(jnp.where(pick, p, 0).astype(p.dtype)), fallback[1]),
+    )
+
+
+def _search(count, ks, hi, c_hi, guesses, udt, stop_width=0, keys_of=None):
+    """Per group, a threshold ``t`` with ``count(t) == k``, or where there is
+    none (ties straddle the k-th entry), the key ``lo`` with
+    ``count(lo) < k < count(lo + 1)``.
+
+    ``count`` maps one threshold per group to the number of entries below
+    each; it is monotone, ``count(0) == 0`` and ``count(hi) == c_hi``. Each
+    step probes inside the bracket by interpolating between its counts, which
+    on smooth data takes a handful of passes; a probe that fails to halve the
+    bracket's count makes the next one a bisection of its keys, so a bracket
+    of 2**b keys closes in at most about 3b steps whatever the data. Guesses
+    ``(step, key)`` replace the probe of that step when inside the bracket.
+
+    A group also stops once its bracket holds at most ``stop_width`` entries.
+    With ``keys_of`` (the float dtype whose order keys are searched), the
+    interpolation runs on the values once both ends are finite numbers: on
+    most data the count is closer to linear in the value than in the key,
+    whose slope halves at every power of two.
+
+    Returns:
+      Lists ``lo, hi, c_lo, c_hi, hit, t`` per group: ``hit`` says
+      ``count(t) == k``; otherwise ``count(lo) = c_lo < k < c_hi``.
+    """
+    groups = range(len(ks))
+    n_guessed = max((at + 1 for g in guesses for at, _ in g), default=0)
+    fdt = jnp.float64 if udt.itemsize == 8 else jnp.float32
+    # The largest float below 2**bits, so the conversion back cannot overflow.
+    top = float(np.nextafter(np.asarray(2.0 ** (8 * udt.itemsize), fdt), 0))
+    one = jnp.ones((), udt)
+    zero = jnp.zeros((), udt)
+
+    def step(state):
+        i, lo, hi, c_lo, c_hi, hit, t_hit, bisect = state
+        probes = []
+        for g in groups:
+            span = hi[g] - lo[g]
+            width = jnp.maximum(c_hi[g] - c_lo[g], 1)
+            # Aim a little short of the target from the end farther from it,
+            # so that end jumps close and the near one is not crept up on.
+            margin = jnp.floor(0.5 * jnp.sqrt(width.astype(fdt)))
+            far_low = ks[g] - c_lo[g] > c_hi[g] - ks[g]
+            target = ks[g].astype(fdt) + jnp.where(far_low, -margin, margin)
+            frac = (target - c_lo[g].astype(fdt)) / width.astype(fdt)
+            offset = jnp.minimum(jnp.floor(frac * span.astype(fdt)), top).astype(udt)
+            if keys_of is not None:
+                a, b = _key_value(lo[g], keys_of), _key_value(hi[g], keys_of)
+                value = a + frac.astype(keys_of) * (b - a)
+                by_value = jnp.clip(order_key(value, keys_of), lo[g], hi[g]) - lo[g]
+                offset = jnp.where(
+                    jnp.isfinite(a) & jnp.isfinite(b) & jnp.isfinite(value),
+                    by_value,
+                    offset,
+                )
+            t = jnp.where(
+                bisect[g], lo[g] + span // 2, lo[g] + jnp.clip(offset, one, span - one)
+            )
+            for at, key in guesses[g]:
+                t = jnp.where((i == at) & (lo[g] < key) & (key < hi[g]), key, t)
+            probes.append(t)
+        counts = count(probes)
+        new = [[] for _ in range(7)]
+        for g in groups:
+            t, c = probes[g], counts[g]
+            live = ~hit[g] & (hi[g] - lo[g] > one) & (c_hi[g] - c_lo[g] > stop_width)
+            below, above = live & (c < ks[g]), live & (c > ks[g])
+            nlo, nc_lo = jnp.where(below, t, lo[g]), jnp.where(below, c, c_lo[g])
+            nhi, nc_hi = jnp.where(above, t, hi[g]), jnp.where(above, c, c_hi[g])
+            found = live & (c == ks[g])
+            new[0].append(nlo)
+            new[1].append(nhi)
+            new[2].append(nc_lo)
+            new[3].append(nc_hi)
+            new[4].append(hit[g] | found)
+            new[5].append(jnp.where(found, t, t_hit[g]))
+            new[6].append(
+                (i >= n_guessed)
+                & ~bisect[g]
+                & (2 * (nc_hi - nc_lo) > c_hi[g] - c_lo[g])
+            )
+        return (i + 1, *map(tuple, new))
+
+    def unfinished(state):
+        _, lo, hi, c_lo, c_hi, hit, _, _ = state
+        return ~jnp.all(
+            jnp.stack(
+                [
+                    h | (b - a == one) | (d - c <= stop_width)
+                    for a, b, c, d, h in zip(lo, hi, c_lo, c_hi, hit)
+                ]
+            )
+        )
+
+    zeros = tuple(jnp.zeros((), jnp.int32) for _ in groups)
+    state = (
+        jnp.zeros((), jnp.int32),
+        tuple(zero for _ in groups),
+        tuple(hi),
+        zeros,
+        tuple(c_hi),
+        tuple((k == 0) | (k == c) for k, c in zip(ks, c_hi)),
+        tuple(jnp.where(k == 0, zero, h) for k, h in zip(ks, hi)),
+        tuple(jnp.zeros((), bool) for _ in groups),
+    )
+    _, lo, hi, c_lo, c_hi, hit, t_hit, _ = lax.while_loop(unfinished, step, state)
+    return list(lo), list(hi), list(c_lo), list(c_hi), list(hit), list(t_hit)
+
+
+def prune_lowest(
+    groups: Sequence[Sequence[jax.Array]],
+    counts: Sequence[jax.Array | int],
+    valid: Sequence[Sequence[jax.Array | None]] | None = None,
+) -> list[list[jax.Array]]:
+    """Boolean "pruned" arrays marking exactly ``counts[g]`` lowest entries.
+
+    Each group is a list of score arrays sharing one threshold (one leaf for
+    layer-wise selection, every leaf for global selection). All groups are
+    searched in the same loop so a layer-wise mask is one loop, not one per
+    leaf. Entries where ``valid`` is False are never counted nor pruned.
+
+    A sample of the scores brackets the threshold and interpolation closes
+    the bracket, each step one compare-and-count pass, typically five to
+    eight in all; ties at the threshold are broken the same way by position.
+    Nothing is sorted and the extra memory is one key array per leaf. The
+    result is bit for bit that of :func:`prune_lowest_by_bisection`.
+
+    Args:
+      groups: score arrays, grouped by shared threshold.
+      counts: number of entries to prune in each group (int or int32 scalar,
+        clipped to the group's valid size).
+      valid: optional bool arrays (or ``None`` for all valid), as ``groups``.
+
+    Returns:
+      Bool arrays, ``True`` where pruned, in the layout of ``groups``.
+    """
+    all_scores = [s for g in groups for s in g]
+    if not all_scores:
+        return [[] for _ in groups]
+    keys, udt, valid, sizes, n_valid, ks = _prepared(groups, counts, valid, _count)
+
+    def masked(x, v):
+        return x if v is None else x & v
+
+    def below(ts):
+        return [
+            sum(_count(masked(k < t, v)) for k, v in zip(keys[g], valid[g]))
+            for g, t in enumerate(ts)
+        ]
+
+    guesses = []
+    for g in range(len(groups)):
+        below_guess, above_guess = _sample_guesses(keys[g], valid[g], ks[g], n_valid[g])
+        guesses.append([(0, below_guess), (1, above_guess)])
+    top = jnp.asarray(np.iinfo(udt).max, udt)
+    fdt = jnp.dtype(jnp.float64 if udt.itemsize == 8 else jnp.float32)
+    lo, hi, c_lo, c_hi, hit, t_hit = _search(
+        below, ks, [top] * len(groups), n_valid, guesses, udt, _FEW, fdt
+    )
+    positions = [
+        [
+            _flat_index(s.shape, int(o))
+            for s, o in zip(g, np.cumsum([0] + [int(np.prod(s.shape)) for s in g]))
+        ]
+        for g in groups
+    ]
+    few = [~h & (d - c <= _FEW) for h, c, d in zip(hit, c_lo, c_hi)]
+    # The last entry pruned, (key, position) in the order key up, position
+    # down: exactly the entries before it in that order are pruned. A hit
+    # prunes the keys below it and no tie.
+    last = [(t, jnp.asarray(n, jnp.uint32)) for t, n in zip(t_hit, sizes)]
+
+    def from_bracket():
+        out = []
+        for g in range(len(groups)):
+            inside = [
+                masked((k >= lo[g]) & (k < hi[g]), v) & few[g]
+                for k, v in zip(keys[g], valid[g])
+            ]
+            parts = [
+                part
+                for i, k, p in zip(inside, keys[g], positions[g])
+                for part in _gather_few(i, k, p)
+            ]
+            key, pos, ok = (jnp.concatenate(x) for x in zip(*parts))
+            out.append(_last_pruned(key, pos, ok, ks[g] - c_lo[g], last[g]))
+        return tuple(out)
+
+    def by_position():
+        ties = [
+            [masked(k == lo[g], v) for k, v in zip(keys[g], valid[g])]
+            for g in range(len(groups))
+        ]
+        wide = [~h & ~f for h, f in zip(hit, few)]
+        # The bracket is one key whose c_hi - c_lo ties straddle the k-th
+        # entry: keep the c_hi - k earliest, i.e. cut where that many lie
+        # before the cut.
+        keep = [jnp.where(w, d - k, 0) for w, d, k in zip(wide, c_hi, ks)]
+
+        def ties_before(cuts):
+            return [
+                sum(_count(t & (p < c)) for t, p in zip(ties[g], positions[g]))
+                for g, c in enumerate(cuts)
+            ]
+
+        n_ties = [jnp.where(w, d - c, 0) for w, c, d in zip(wide, c_lo, c_hi)]
+        ends = [jnp.asarray(s, jnp.uint32) for s in sizes]
+        _, _, _, _, _, cuts = _search(
+            ties_before, keep, ends, n_ties, [[]] * len(groups), jnp.dtype(jnp.uint32)
+        )
+        return tuple(
+            (jnp.where(w, lo_, t), jnp.where(w, c, p))
+            for w, lo_, c, (t, p) in zip(wide, lo, cuts, last)
+        )
+
+    last = lax.cond(jnp.any(jnp.stack(few)), from_bracket, lambda: tuple(last))
+    last = lax.cond(
+        jnp.any(jnp.stack([~h & ~f for h, f in zip(hit, few)])),
+        by_position,
+        lambda: tuple(last),
+    )
+    return [
+        [
+            masked((k < t) | ((k == t) & (p >= c)), v)
+            for k, v, p in zip(keys[g], valid[g], positions[g])
+        ]
+        for g, (t, c) in enumerate(last)
     ]

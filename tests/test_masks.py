@@ -15,7 +15,12 @@ from trees import KINDS, make_tree
 
 import jaxsparse as js
 from jaxsparse import _tree
-from jaxsparse._select import num_pruned, order_key
+from jaxsparse._select import (
+    num_pruned,
+    order_key,
+    prune_lowest,
+    prune_lowest_by_bisection,
+)
 
 
 def reference_pruned(leaves, k):
@@ -161,6 +166,71 @@ def test_selection_property_with_heavy_ties(scores, sparsity):
     mask = js.layerwise_mask({"w": jnp.asarray(scores)}, sparsity)["w"]
     (expected,) = reference_pruned([scores], round(sparsity * scores.size))
     np.testing.assert_array_equal(~np.asarray(mask), expected)
+
+
+def _scores(kind, n, seed):
+    rng = np.random.default_rng(seed)
+    if kind == "normal":
+        return rng.normal(size=n)
+    if kind == "integers":  # ties of about n/5 straddle most thresholds
+        return rng.integers(0, 5, size=n).astype(float)
+    if kind == "few ties":  # ten-entry ties: a narrow bracket, finished by gathering
+        return np.repeat(rng.normal(size=-(-n // 10)), 10)[:n]
+    if kind == "zero pile":  # pruned weights: 80 % exact zeros
+        return np.where(rng.random(n) < 0.8, 0.0, rng.normal(size=n))
+    if kind == "nan":
+        x = np.full(n, 1.5)
+        x[rng.random(n) < 0.05] = np.nan
+        return x
+    if kind == "cauchy":
+        return np.abs(rng.standard_cauchy(n))
+    return rng.normal(size=n) * 1e-40  # subnormal float32
+
+
+SCORE_KINDS = ["normal", "integers", "few ties", "zero pile", "nan", "cauchy", "tiny"]
+
+
+@pytest.mark.parametrize("kind", SCORE_KINDS)
+@pytest.mark.parametrize("shape", [(1,), (7,), (128,), (50, 41), (3000, 7)])
+def test_search_selects_as_bisection_reference(kind, shape):
+    """Every finish of the search (a count hit, a narrow bracket gathered, a
+    wide tie broken by position) against one key bit per pass, for counts
+    from none to all, with and without ``valid``, one and two groups."""
+    n = int(np.prod(shape))
+    x = jnp.asarray(_scores(kind, n, 0).reshape(shape), jnp.float32)
+    y = jnp.asarray(_scores(kind, 300, 1), jnp.float32)
+    v = jnp.asarray(np.random.default_rng(2).random(300) < 0.6)
+
+    def both(counts):
+        args = ([[x], [y]], counts, [[None], [v]])
+        new = jax.jit(prune_lowest)(*args)
+        ref = jax.jit(prune_lowest_by_bisection)(*args)
+        together = jax.jit(prune_lowest)([[x, y]], [counts[0] + counts[1]])
+        alone = jax.jit(prune_lowest_by_bisection)([[x, y]], [counts[0] + counts[1]])
+        return new + together, ref + alone
+
+    for k in sorted({0, 1, n // 3, n // 2, (9 * n) // 10, n - 1, n}):
+        new, ref = both([jnp.int32(max(k, 0)), jnp.int32(min(k, 180))])
+        for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(ref)):
+            np.testing.assert_array_equal(a, b, err_msg=f"{kind} k={k}")
+    (flat,) = reference_pruned([np.asarray(x)], (9 * n) // 10)
+    np.testing.assert_array_equal(both([jnp.int32((9 * n) // 10), 0])[0][0][0], flat)
+
+
+def test_search_in_float64(x64):
+    x = jnp.asarray(_scores("normal", 5000, 3), jnp.float64)
+    x = x.at[::7].set(x[0])  # a 715-way tie among distinct doubles
+    for k in (0, 100, 2500, 4999):
+        (a,), (b,) = prune_lowest([[x]], [k]), prune_lowest_by_bisection([[x]], [k])
+        np.testing.assert_array_equal(a[0], b[0])
+
+
+def test_search_memory_is_linear_without_a_sort():
+    x = jnp.zeros((1000, 1000), jnp.float32)
+    lowered = jax.jit(lambda s: prune_lowest([[s]], [num_pruned(0.9, s.size)])).lower(x)
+    assert "stablehlo.sort" not in lowered.as_text()
+    temp = lowered.compile().memory_analysis().temp_size_in_bytes
+    assert temp <= 16 * x.size, temp  # the key and a few O(n) buffers, no copy per step
 
 
 def test_include_predicate_and_regex():
