@@ -318,21 +318,21 @@ class _PaddedDelta(Format):
         m = offsets.size
         width = padded_width(n, m, int(offsets[-1]) + 1 if m else 0)
         reach = 2**width
-        stored, stored_values = [], []
-        for gap, value in zip(gaps.tolist(), values.tolist()):
-            # A padding entry (value 0) advances the full reach of a code.
-            pads = -(-gap // reach) - 1
-            stored.extend([reach - 1] * pads)
-            stored_values.extend([0] * pads)
-            stored.append(gap - pads * reach - 1)
-            stored_values.append(value)
+        # A padding entry (value 0) advances the full reach of a code; a gap
+        # of g needs ceil(g / reach) - 1 of them before its own entry.
+        pads = -(-gaps // reach) - 1 if m else np.zeros(0, np.int64)
+        own = np.cumsum(pads + 1) - 1
+        stored = np.full(int(own[-1]) + 1 if m else 0, reach - 1, np.int64)
+        stored[own] = gaps - pads * reach - 1
+        stored_values = np.zeros(stored.size, flat.dtype)
+        stored_values[own] = values
         return (
             {
-                "gaps": np.asarray(stored, index_dtype(n)),
-                "values": np.asarray(stored_values, flat.dtype),
+                "gaps": stored.astype(index_dtype(n)),
+                "values": stored_values,
             },
             {"width": width},
-            len(stored) * (k + width),
+            stored.size * (k + width),
         )
 
     def decode(self, enc, n):
@@ -360,16 +360,18 @@ class _Compressed(Format):
         rows, cols = matrix_shape(shape)
         matrix = flat.reshape(rows, cols)
         if self.by_columns:
-            matrix = matrix.T
-        r, c = np.nonzero(matrix)
-        m = r.size
-        counts = np.bincount(r, minlength=matrix.shape[0])
-        pointer = np.concatenate([[0], np.cumsum(counts)])
+            matrix = np.ascontiguousarray(matrix.T)
+        # One pass for the nonzeros; a row's pointer is where its first flat
+        # index would sort among them.
+        rows, cols = matrix.shape
+        at = np.flatnonzero(matrix)
+        m = at.size
+        pointer = np.searchsorted(at, np.arange(rows + 1) * cols)
         return (
             {
-                "indices": c.astype(index_dtype(matrix.shape[1])),
+                "indices": (at % cols).astype(index_dtype(cols)),
                 "pointer": pointer.astype(index_dtype(m + 1)),
-                "values": matrix[r, c],
+                "values": matrix.reshape(-1)[at],
             },
             {},
             csr_bits(matrix.shape[0], matrix.shape[1], m, k),
@@ -393,9 +395,10 @@ class _Compressed(Format):
         _check(
             bool(np.all((indices >= 0) & (indices < cols))), "an index is out of range"
         )
-        matrix = np.zeros((rows, cols), enc.dtype)
-        r = np.repeat(np.arange(rows), np.diff(pointer))
-        matrix[r, indices] = a["values"]
+        matrix = np.zeros(rows * cols, enc.dtype)
+        r = np.repeat(np.arange(rows) * cols, np.diff(pointer))
+        matrix[r + indices] = a["values"]
+        matrix = matrix.reshape(rows, cols)
         return matrix.T if self.by_columns else matrix
 
     def model(self, n, m, k, *, rows=None, **facts):

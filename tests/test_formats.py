@@ -116,6 +116,53 @@ def test_padded_delta_uses_every_code_of_its_width(distance):
     assert padded.bits == S.model_bits("padded_delta", n, m, 32, **S.facts(x))
 
 
+def _padded_delta_by_loop(flat):
+    """The padded delta encoding one gap at a time (the loop the vectorized
+    encoder replaced), as the reference."""
+    offsets = np.flatnonzero(flat)
+    gaps = F.distances(offsets)
+    reach = 2 ** F.padded_width(flat.size, offsets.size, int(offsets[-1]) + 1)
+    stored, values = [], []
+    for gap, value in zip(gaps.tolist(), flat[offsets].tolist()):
+        pads = -(-gap // reach) - 1
+        stored += [reach - 1] * pads + [gap - pads * reach - 1]
+        values += [0] * pads + [value]
+    return np.asarray(stored), np.asarray(values, flat.dtype)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("density", [0.001, 0.03, 0.5])
+def test_padded_delta_encodes_as_the_loop(seed, density):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=5000).astype(np.float32)
+    x[rng.random(x.size) >= density] = 0
+    x[rng.integers(0, x.size)] = 1.0  # at least one entry
+    enc = F.encode(x, "padded_delta")
+    gaps, values = _padded_delta_by_loop(x)
+    np.testing.assert_array_equal(enc.arrays["gaps"], gaps)
+    np.testing.assert_array_equal(enc.arrays["values"], values)
+    assert enc.bits == gaps.size * (32 + enc.meta["width"])
+
+
+@pytest.mark.parametrize("fmt", ["csr", "csc"])
+def test_compressed_encodes_as_row_by_row(fmt):
+    """Against the row-major nonzero, bincount and cumsum (the old encoder,
+    and what scipy.sparse stores), with an empty row and column."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(37, 53)).astype(np.float32)
+    x[rng.random(x.shape) < 0.9] = 0
+    x[5] = 0
+    x[:, 7] = 0
+    matrix = x if fmt == "csr" else x.T
+    r, c = np.nonzero(matrix)
+    enc = F.encode(x, fmt)
+    pointer = np.concatenate([[0], np.cumsum(np.bincount(r, minlength=len(matrix)))])
+    np.testing.assert_array_equal(enc.arrays["pointer"], pointer)
+    np.testing.assert_array_equal(enc.arrays["indices"], c)
+    np.testing.assert_array_equal(enc.arrays["values"], matrix[r, c])
+    np.testing.assert_array_equal(F.decode(enc), x)
+
+
 def test_delta_width_from_the_largest_gap():
     x = np.zeros(20, np.float32)
     x[[3, 4, 12]] = 1
