@@ -2,7 +2,9 @@
 
 1. CSR encode and decode of a dense 4096x4096 float32 array at 90 %
    sparsity: jaxsparse against ``scipy.sparse.csr_array``.
-2. Matrix-vector and matrix-matrix (x 128) products with BCOO and BCSR
+2. Zero-padded delta encoding of 10^8 slots at 90 % sparsity against
+   ``numpy.flatnonzero`` of the same array (the one pass it cannot avoid).
+3. Matrix-vector and matrix-matrix (x 128) products with BCOO and BCSR
    against dense ``jnp`` at 50, 90, 95 and 99 % sparsity, jitted, on the
    default device.
 
@@ -57,6 +59,21 @@ def csr_throughput():
     print(f"  bits: {enc.bits}, dense {dense_bits} ({enc.bits / dense_bits:.1%})")
 
 
+def padded_delta_throughput():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=10**8).astype(np.float32)
+    x[rng.random(x.size, dtype=np.float32) < 0.9] = 0
+    t = {
+        "encode padded delta": host_median(lambda: F.encode(x, "padded_delta"), 5),
+        "numpy.flatnonzero": host_median(lambda: np.flatnonzero(x), 5),
+    }
+    print("padded delta, 10^8 float32 slots at 90 %, median of 5:")
+    for name, ms in t.items():
+        print(f"  {name:<20} {ms:8.1f} ms")
+    ratio = t["encode padded delta"] / t["numpy.flatnonzero"]
+    print(f"  ratio encode / flatnonzero: {ratio:.2f}")
+
+
 def _time_products(dense, bcoo, bcsr, rhs):
     product = jax.jit(lambda m, r: m @ r)
     return interleaved(
@@ -94,6 +111,7 @@ def products():
 def main() -> None:
     print(f"jax {jax.__version__}, {jax.devices()[0].platform}, {platform.machine()}")
     csr_throughput()
+    padded_delta_throughput()
     products()
 
 

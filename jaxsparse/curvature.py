@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.extend as jex
 import jax.numpy as jnp
 from jax import lax, tree_util
 
@@ -108,20 +109,31 @@ def hessian_diag(
     *args: Any,
     include: LeafSelector = None,
     chunk_size: int = 256,
+    by_structure: bool = True,
 ) -> Params:
     """Exact Hessian diagonal of the selected leaves.
 
-    One HVP per basis vector, restricted to the leaf (so each product costs
-    one forward-over-reverse pass and returns only that leaf), vmapped over
-    ``chunk_size`` vectors at a time: memory is ``chunk_size`` times one
-    gradient, time is ``size / chunk_size`` batched passes.
+    In general one HVP per basis vector, restricted to the leaf (so each
+    product costs one forward-over-reverse pass and returns only that leaf),
+    vmapped over ``chunk_size`` vectors at a time: memory is ``chunk_size``
+    times one gradient, time is ``size / chunk_size`` batched passes.
+
+    A dense kernel ``W`` that enters the loss only through ``z = x @ W``
+    (one use, contracting ``x``'s last axis with ``W``'s first) takes one
+    HVP per output unit instead: ``d²L/dW_jk² = Σ_n x_nj² d²L/dz_nk²`` when
+    the loss couples no two positions ``n`` of ``z`` (examples, tokens). A
+    probe HVP checks that: where a position's curvature reaches another
+    (batch norm in training mode, attention across tokens), the generic
+    path runs instead, under ``lax.cond``, so the result is exact either way.
 
     Args:
       loss_fn: ``loss_fn(params, *args) -> scalar``.
       params: the point.
       *args: the batch.
       include: which leaves (default: floating arrays with ``ndim >= 2``).
-      chunk_size: basis vectors per vmapped batch.
+      chunk_size: basis vectors (or output units) per vmapped batch.
+      by_structure: use the dense-layer identity where it applies; ``False``
+        forces the generic path (the reference it is tested against).
 
     Returns:
       A pytree mirroring ``params``: ``diag(H)`` per selected leaf, ``None``
@@ -138,15 +150,120 @@ def hessian_diag(
       LeCun et al. 1990 (OBD needs the diagonal); Hoefler et al. 2021, §3.5.
     """
     _tree.check_positive_int(chunk_size, "chunk_size")
+    leaves, _ = tree_util.tree_flatten_with_path(params)
+    paths = [p for p, _ in leaves]
+    closed = None
+    if by_structure:
+        closed = jax.make_jaxpr(lambda *flat: loss_fn(_unflat(params, flat), *args))(
+            *(x for _, x in leaves)
+        )
 
-    def diag(path, leaf):
+    def generic(path, leaf):
         rows = jnp.arange(leaf.size)
         entries = _leaf_hvp_rows(
             loss_fn, params, path, leaf, args, rows, chunk_size, lambda r, i: r[i]
         )
         return entries.reshape(leaf.shape)
 
+    def diag(path, leaf):
+        at = None if closed is None else _dense_use(closed, paths.index(path))
+        if at is None:
+            return generic(path, leaf)
+        flat = [x for _, x in leaves]
+        return _dense_kernel_diag(
+            closed, flat, at, chunk_size, lambda: generic(path, leaf)
+        )
+
     return _tree.map_selected(diag, params, include)
+
+
+def _unflat(params: Params, flat) -> Params:
+    return tree_util.tree_unflatten(tree_util.tree_structure(params), list(flat))
+
+
+def _dense_use(closed, index: int) -> int | None:
+    """The index of the one equation using input ``index``, if that use is a
+    dense layer's ``x @ W`` (``x``'s last axis against ``W``'s first, ``W``
+    two-dimensional); otherwise ``None``."""
+    var = closed.jaxpr.invars[index]
+    if var.aval.ndim != 2 or any(v is var for v in closed.jaxpr.outvars):
+        return None
+    uses = [
+        i
+        for i, eqn in enumerate(closed.jaxpr.eqns)
+        for v in eqn.invars
+        if not isinstance(v, jex.core.Literal) and v is var
+    ]
+    if len(uses) != 1:
+        return None
+    eqn = closed.jaxpr.eqns[uses[0]]
+    if eqn.primitive.name != "dot_general" or eqn.invars[1] is not var:
+        return None
+    (lhs_c, rhs_c), (lhs_b, rhs_b) = eqn.params["dimension_numbers"]
+    x_ndim = eqn.invars[0].aval.ndim
+    if tuple(rhs_c) != (0,) or tuple(lhs_c) != (x_ndim - 1,) or lhs_b or rhs_b:
+        return None
+    return uses[0]
+
+
+def _eval_offset(closed, flat, at: int, offset):
+    """Evaluates the jaxpr with ``offset`` added to equation ``at``'s output;
+    returns the loss and that equation's first input."""
+    env: dict[Any, Any] = {}
+
+    def read(v):
+        return v.val if isinstance(v, jex.core.Literal) else env[v]
+
+    env.update(zip(closed.jaxpr.constvars, closed.consts))
+    env.update(zip(closed.jaxpr.invars, flat))
+    x = None
+    for i, eqn in enumerate(closed.jaxpr.eqns):
+        ins = [read(v) for v in eqn.invars]
+        with eqn.ctx.manager:
+            ans = eqn.primitive.bind(*ins, **eqn.primitive.get_bind_params(eqn.params))
+        outs = ans if eqn.primitive.multiple_results else [ans]
+        if i == at:
+            x, outs = ins[0], [outs[0] + offset.astype(outs[0].dtype)]
+        env.update(zip(eqn.outvars, outs))
+    return read(closed.jaxpr.outvars[0]), x
+
+
+def _dense_kernel_diag(closed, flat, at: int, chunk_size: int, generic):
+    """``Σ_n x_nj² d²L/dz_nk²`` for the kernel of equation ``at``, or
+    ``generic()`` where the loss couples positions of ``z``."""
+    z_aval = closed.jaxpr.eqns[at].outvars[0].aval
+    zero = jnp.zeros(z_aval.shape, z_aval.dtype)
+    _, x = _eval_offset(closed, flat, at, zero)
+    x = x.reshape(-1, x.shape[-1])
+    units = z_aval.shape[-1]
+    positions = x.shape[0]
+
+    def z_hvp(v):
+        grad = jax.grad(lambda d: _eval_offset(closed, flat, at, d)[0])
+        return jax.jvp(grad, (zero,), (v.reshape(z_aval.shape),))[1].reshape(
+            positions, units
+        )
+
+    def unit(k):
+        # The same unit at every position: with no coupling each position
+        # returns its own d²L/dz_nk², which is all the diagonal needs.
+        basis = jnp.zeros((positions, units), z_aval.dtype).at[:, k].set(1)
+        return z_hvp(basis)[:, k]
+
+    chunks = -(-units // chunk_size)
+    ks = jnp.pad(jnp.arange(units), (0, chunks * chunk_size - units))
+    h = lax.map(jax.vmap(unit), ks.reshape(chunks, chunk_size))
+    h = h.reshape(chunks * chunk_size, positions)[:units].T
+    kernel = closed.jaxpr.eqns[at].invars[1].aval
+    structured = (jnp.square(x).T @ h.astype(x.dtype)).astype(kernel.dtype)
+    if positions == 1:
+        return structured
+    # A probe on the even positions: any curvature it moves to an odd one
+    # means positions are coupled and the identity does not hold.
+    even = (jnp.arange(positions) % 2 == 0)[:, None]
+    probe = jnp.where(even, jnp.ones((positions, units), z_aval.dtype), 0)
+    coupled = jnp.any(jnp.where(even, 0, z_hvp(probe)) != 0)
+    return lax.cond(coupled, generic, lambda: structured)
 
 
 def hessian_block(

@@ -112,6 +112,65 @@ def test_exact_diagonal(kind, chunk):
     )
 
 
+def _coupled_models():
+    k = jax.random.key(4)
+    w = {"a": jax.random.normal(k, (5, 4)) / 2, "b": jax.random.normal(k, (4, 3))}
+
+    def per_example(p, x):  # tokens (2 x 3) of a 5-dim input, all independent
+        return jnp.tanh(x.reshape(2, 3, 5) @ p["a"]) @ p["b"]
+
+    def batch_norm(p, x):  # training-mode batch norm couples the examples
+        z = x @ p["a"]
+        z = (z - z.mean(0)) / jnp.sqrt(z.var(0) + 1e-3)
+        return jnp.tanh(z) @ p["b"]
+
+    def token_mixing(p, x):  # an attention-like mean over tokens
+        h = jnp.tanh(x.reshape(2, 3, 5) @ p["a"])
+        return (h + h.mean(1, keepdims=True)) @ p["b"]
+
+    def tied(p, x):  # one kernel used twice
+        return jnp.tanh(x @ p["a"]) @ p["a"].T[:, :3] + jnp.tanh(x @ p["a"]) @ p["b"]
+
+    return w, {
+        "per-example": per_example,
+        "batch-norm": batch_norm,
+        "token-mixing": token_mixing,
+        "tied": tied,
+    }
+
+
+@pytest.mark.parametrize("name", ["per-example", "batch-norm", "token-mixing", "tied"])
+def test_diagonal_by_structure_or_fallback_equals_dense_hessian(name):
+    """The dense-layer identity where positions are independent, the generic
+    path where the probe finds them coupled or the kernel is used twice;
+    both against jax.hessian, and the identity in use where it should be."""
+    params, models = _coupled_models()
+    params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params)
+    x = jax.random.normal(jax.random.key(5), (6, 5))
+
+    def loss(p, x):
+        return jnp.sum(jnp.sin(models[name](p, x)))
+
+    flat, unravel = ravel_pytree(params)
+    dense = np.diag(jax.hessian(lambda f: loss(unravel(f), x))(flat))
+    for jit in (False, True):
+        fn = jax.jit(cv.hessian_diag, static_argnums=0) if jit else cv.hessian_diag
+        got = ravel_pytree(fn(loss, params, x))[0]
+        np.testing.assert_allclose(got, dense, rtol=1e-10, atol=1e-12)
+    leaves = jax.tree.leaves(params)
+    closed = jax.make_jaxpr(lambda *f: loss(dict(zip(("a", "b"), f)), x))(*leaves)
+    uses = [cv._dense_use(closed, i) is not None for i in range(2)]
+    assert uses == ([False, True] if name == "tied" else [True, True])
+
+
+def test_diagonal_by_structure_on_the_generic_path_agrees():
+    params, _, loss, x, y, *_ = setup("mlp-dict")
+    fast = cv.hessian_diag(loss, params, x, y)
+    slow = cv.hessian_diag(loss, params, x, y, by_structure=False)
+    for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(slow)):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)
+
+
 def test_diagonal_respects_include():
     params, _, loss, x, y, *_ = setup("mlp-dict")
     diag = cv.hessian_diag(loss, params, x, y)
