@@ -229,8 +229,6 @@ def prune_lowest_by_bisection(
 # so any positions give the same result, and fixed ones keep it jittable.
 _SAMPLE_SIZE = 256
 _COLUMNS = 128
-# A bracket holding at most this many entries is finished by gathering them.
-_FEW = 64
 
 
 def _count(pred: jax.Array) -> jax.Array:
@@ -301,55 +299,7 @@ def _sample_guesses(keys, valid, k, n_valid) -> tuple[jax.Array, jax.Array]:
     return at_rank(r - spread), at_rank(r + spread) + 1
 
 
-def _gather_few(inside, key, pos):
-    """Keys, positions and flags of candidates that include every entry where
-    ``inside`` holds (at most ``_FEW`` of them): whole columns of the layout
-    ``_count`` reads, found from its per-column counts, plus the tail."""
-    inside, key, pos = (x.reshape(-1) for x in (inside, key, pos))
-    main = inside.size // _COLUMNS * _COLUMNS
-    parts = []
-    if main:
-        grid = (_COLUMNS, -1)
-        held = (
-            jnp.sum(
-                inside[:main].reshape(grid).astype(jnp.uint8), axis=0, dtype=jnp.uint8
-            )
-            > 0
-        )
-        cols = jnp.nonzero(held, size=min(_FEW, held.size), fill_value=0)[0]
-        # Slots past the held columns repeat column 0; they must not count.
-        fresh = jnp.arange(cols.size, dtype=jnp.int32) < _count(held)
-        parts.append(
-            (
-                key[:main].reshape(grid)[:, cols].reshape(-1),
-                pos[:main].reshape(grid)[:, cols].reshape(-1),
-                (inside[:main].reshape(grid)[:, cols] & fresh[None, :]).reshape(-1),
-            )
-        )
-    if main < inside.size:
-        parts.append((key[main:], pos[main:], inside[main:]))
-    return parts
-
-
-def _last_pruned(key, pos, ok, j, fallback):
-    """``(key, position)`` of the j-th (from 1) of the flagged entries in the
-    order key up, position down; ``fallback`` when none is flagged."""
-    idx = jnp.nonzero(ok, size=min(_FEW, ok.size), fill_value=0)[0]
-    fresh = jnp.arange(idx.size, dtype=jnp.int32) < _count(ok)
-    k, p = key[idx], pos[idx]
-    earlier = (k[None, :] < k[:, None]) | (
-        (k[None, :] == k[:, None]) & (p[None, :] > p[:, None])
-    )
-    rank = jnp.sum(earlier & fresh[None, :], axis=1, dtype=jnp.int32)
-    pick = fresh & (rank == j - 1)
-    found = jnp.any(pick)
-    return (
-        jnp.where(found, jnp.max(jnp.where(pick, k, 0).astype(k.dtype)), fallback[0]),
-        jnp.where(found, jnp.max(jnp.where(pick, p, 0).astype(p.dtype)), fallback[1]),
-    )
-
-
-def _search(count, ks, hi, c_hi, guesses, udt, stop_width=0, keys_of=None):
+def _search(count, ks, hi, c_hi, guesses, udt, keys_of=None):
     """Per group, a threshold ``t`` with ``count(t) == k``, or where there is
     none (ties straddle the k-th entry), the key ``lo`` with
     ``count(lo) < k < count(lo + 1)``.
@@ -362,15 +312,14 @@ def _search(count, ks, hi, c_hi, guesses, udt, stop_width=0, keys_of=None):
     of 2**b keys closes in at most about 3b steps whatever the data. Guesses
     ``(step, key)`` replace the probe of that step when inside the bracket.
 
-    A group also stops once its bracket holds at most ``stop_width`` entries.
     With ``keys_of`` (the float dtype whose order keys are searched), the
     interpolation runs on the values once both ends are finite numbers: on
     most data the count is closer to linear in the value than in the key,
     whose slope halves at every power of two.
 
     Returns:
-      Lists ``lo, hi, c_lo, c_hi, hit, t`` per group: ``hit`` says
-      ``count(t) == k``; otherwise ``count(lo) = c_lo < k < c_hi``.
+      Lists ``lo, c_lo, hit, t`` per group: ``hit`` says ``count(t) == k``;
+      otherwise ``count(lo) = c_lo < k < count(lo + 1)``.
     """
     groups = range(len(ks))
     n_guessed = max((at + 1 for g in guesses for at, _ in g), default=0)
@@ -412,7 +361,7 @@ def _search(count, ks, hi, c_hi, guesses, udt, stop_width=0, keys_of=None):
         new = [[] for _ in range(7)]
         for g in groups:
             t, c = probes[g], counts[g]
-            live = ~hit[g] & (hi[g] - lo[g] > one) & (c_hi[g] - c_lo[g] > stop_width)
+            live = ~hit[g] & (hi[g] - lo[g] > one)
             below, above = live & (c < ks[g]), live & (c > ks[g])
             nlo, nc_lo = jnp.where(below, t, lo[g]), jnp.where(below, c, c_lo[g])
             nhi, nc_hi = jnp.where(above, t, hi[g]), jnp.where(above, c, c_hi[g])
@@ -431,15 +380,8 @@ def _search(count, ks, hi, c_hi, guesses, udt, stop_width=0, keys_of=None):
         return (i + 1, *map(tuple, new))
 
     def unfinished(state):
-        _, lo, hi, c_lo, c_hi, hit, _, _ = state
-        return ~jnp.all(
-            jnp.stack(
-                [
-                    h | (b - a == one) | (d - c <= stop_width)
-                    for a, b, c, d, h in zip(lo, hi, c_lo, c_hi, hit)
-                ]
-            )
-        )
+        _, lo, hi, _, _, hit, _, _ = state
+        return ~jnp.all(jnp.stack([h | (b - a == one) for a, b, h in zip(lo, hi, hit)]))
 
     zeros = tuple(jnp.zeros((), jnp.int32) for _ in groups)
     state = (
@@ -452,8 +394,8 @@ def _search(count, ks, hi, c_hi, guesses, udt, stop_width=0, keys_of=None):
         tuple(jnp.where(k == 0, zero, h) for k, h in zip(ks, hi)),
         tuple(jnp.zeros((), bool) for _ in groups),
     )
-    _, lo, hi, c_lo, c_hi, hit, t_hit, _ = lax.while_loop(unfinished, step, state)
-    return list(lo), list(hi), list(c_lo), list(c_hi), list(hit), list(t_hit)
+    _, lo, _, c_lo, _, hit, t_hit, _ = lax.while_loop(unfinished, step, state)
+    return list(lo), list(c_lo), list(hit), list(t_hit)
 
 
 def prune_lowest(
@@ -469,10 +411,12 @@ def prune_lowest(
     leaf. Entries where ``valid`` is False are never counted nor pruned.
 
     A sample of the scores brackets the threshold and interpolation closes
-    the bracket, each step one compare-and-count pass, typically five to
-    eight in all; ties at the threshold are broken the same way by position.
-    Nothing is sorted and the extra memory is one key array per leaf. The
-    result is bit for bit that of :func:`prune_lowest_by_bisection`.
+    the bracket, each step one compare-and-count pass (9 to 15 on the MLP
+    and 10^8-score cases of ``benchmarks/bench_masks.py``, against 20 to 32
+    for one pass per key bit). Ties that straddle the threshold are broken by
+    bisecting on the position, as the reference does. Nothing is sorted and
+    the extra memory is one key array per leaf. The result is bit for bit
+    that of :func:`prune_lowest_by_bisection`.
 
     Args:
       groups: score arrays, grouped by shared threshold.
@@ -503,75 +447,50 @@ def prune_lowest(
         guesses.append([(0, below_guess), (1, above_guess)])
     top = jnp.asarray(np.iinfo(udt).max, udt)
     fdt = jnp.dtype(jnp.float64 if udt.itemsize == 8 else jnp.float32)
-    lo, hi, c_lo, c_hi, hit, t_hit = _search(
-        below, ks, [top] * len(groups), n_valid, guesses, udt, _FEW, fdt
+    lo, c_lo, hit, t_hit = _search(
+        below, ks, [top] * len(groups), n_valid, guesses, udt, keys_of=fdt
     )
+    # A hit prunes the keys below it; otherwise those below lo and some ties.
+    thresholds = [jnp.where(h, t, a) for h, t, a in zip(hit, t_hit, lo)]
+    offsets = [np.cumsum([0] + [int(np.prod(s.shape)) for s in g]) for g in groups]
     positions = [
-        [
-            _flat_index(s.shape, int(o))
-            for s, o in zip(g, np.cumsum([0] + [int(np.prod(s.shape)) for s in g]))
-        ]
-        for g in groups
+        [_flat_index(s.shape, int(o)) for s, o in zip(g, offs)]
+        for g, offs in zip(groups, offsets)
     ]
-    few = [~h & (d - c <= _FEW) for h, c, d in zip(hit, c_lo, c_hi)]
-    # The last entry pruned, (key, position) in the order key up, position
-    # down: exactly the entries before it in that order are pruned. A hit
-    # prunes the keys below it and no tie.
-    last = [(t, jnp.asarray(n, jnp.uint32)) for t, n in zip(t_hit, sizes)]
+    # Without a hit, ties at lo straddle the k-th entry: the latest `need`
+    # of them are pruned, found by bisecting on the position as the
+    # reference does (rare, so its fixed number of passes costs little).
+    ties = [
+        [masked((k == t) & ~h, v) for k, v in zip(keys[g], valid[g])]
+        for g, (t, h) in enumerate(zip(lo, hit))
+    ]
+    need = [k - c for k, c in zip(ks, c_lo)]
+    ibits = max(max(sizes).bit_length(), 1)
 
-    def from_bracket():
+    def position_step(i, js):
+        bit = jnp.left_shift(
+            jnp.ones((), jnp.uint32), (ibits - 1 - i).astype(jnp.uint32)
+        )
         out = []
-        for g in range(len(groups)):
-            inside = [
-                masked((k >= lo[g]) & (k < hi[g]), v) & few[g]
-                for k, v in zip(keys[g], valid[g])
-            ]
-            parts = [
-                part
-                for i, k, p in zip(inside, keys[g], positions[g])
-                for part in _gather_few(i, k, p)
-            ]
-            key, pos, ok = (jnp.concatenate(x) for x in zip(*parts))
-            out.append(_last_pruned(key, pos, ok, ks[g] - c_lo[g], last[g]))
+        for g, j in enumerate(js):
+            cand = j | bit
+            at_or_after = sum(
+                _count(t & (p >= cand)) for t, p in zip(ties[g], positions[g])
+            )
+            out.append(jnp.where(at_or_after >= need[g], cand, j))
         return tuple(out)
 
-    def by_position():
-        ties = [
-            [masked(k == lo[g], v) for k, v in zip(keys[g], valid[g])]
-            for g in range(len(groups))
-        ]
-        wide = [~h & ~f for h, f in zip(hit, few)]
-        # The bracket is one key whose c_hi - c_lo ties straddle the k-th
-        # entry: keep the c_hi - k earliest, i.e. cut where that many lie
-        # before the cut.
-        keep = [jnp.where(w, d - k, 0) for w, d, k in zip(wide, c_hi, ks)]
-
-        def ties_before(cuts):
-            return [
-                sum(_count(t & (p < c)) for t, p in zip(ties[g], positions[g]))
-                for g, c in enumerate(cuts)
-            ]
-
-        n_ties = [jnp.where(w, d - c, 0) for w, c, d in zip(wide, c_lo, c_hi)]
-        ends = [jnp.asarray(s, jnp.uint32) for s in sizes]
-        _, _, _, _, _, cuts = _search(
-            ties_before, keep, ends, n_ties, [[]] * len(groups), jnp.dtype(jnp.uint32)
-        )
-        return tuple(
-            (jnp.where(w, lo_, t), jnp.where(w, c, p))
-            for w, lo_, c, (t, p) in zip(wide, lo, cuts, last)
-        )
-
-    last = lax.cond(jnp.any(jnp.stack(few)), from_bracket, lambda: tuple(last))
-    last = lax.cond(
-        jnp.any(jnp.stack([~h & ~f for h, f in zip(hit, few)])),
-        by_position,
-        lambda: tuple(last),
+    cuts = lax.cond(
+        jnp.all(jnp.stack(hit)),
+        lambda: tuple(jnp.zeros((), jnp.uint32) for _ in groups),
+        lambda: lax.fori_loop(
+            0, ibits, position_step, tuple(jnp.zeros((), jnp.uint32) for _ in groups)
+        ),
     )
     return [
         [
-            masked((k < t) | ((k == t) & (p >= c)), v)
-            for k, v, p in zip(keys[g], valid[g], positions[g])
+            masked(k < t, v) | (tie & (p >= c))
+            for k, v, tie, p in zip(keys[g], valid[g], ties[g], positions[g])
         ]
-        for g, (t, c) in enumerate(last)
+        for g, (t, c) in enumerate(zip(thresholds, cuts))
     ]

@@ -174,7 +174,7 @@ def _scores(kind, n, seed):
         return rng.normal(size=n)
     if kind == "integers":  # ties of about n/5 straddle most thresholds
         return rng.integers(0, 5, size=n).astype(float)
-    if kind == "few ties":  # ten-entry ties: a narrow bracket, finished by gathering
+    if kind == "few ties":  # ten-entry ties
         return np.repeat(rng.normal(size=-(-n // 10)), 10)[:n]
     if kind == "zero pile":  # pruned weights: 80 % exact zeros
         return np.where(rng.random(n) < 0.8, 0.0, rng.normal(size=n))
@@ -193,9 +193,9 @@ SCORE_KINDS = ["normal", "integers", "few ties", "zero pile", "nan", "cauchy", "
 @pytest.mark.parametrize("kind", SCORE_KINDS)
 @pytest.mark.parametrize("shape", [(1,), (7,), (128,), (50, 41), (3000, 7)])
 def test_search_selects_as_bisection_reference(kind, shape):
-    """Every finish of the search (a count hit, a narrow bracket gathered, a
-    wide tie broken by position) against one key bit per pass, for counts
-    from none to all, with and without ``valid``, one and two groups."""
+    """Both ends of the search (a count hit, a tie straddling the threshold
+    broken by position) against one key bit per pass, for counts from none
+    to all, with and without ``valid``, one and two groups."""
     n = int(np.prod(shape))
     x = jnp.asarray(_scores(kind, n, 0).reshape(shape), jnp.float32)
     y = jnp.asarray(_scores(kind, 300, 1), jnp.float32)
