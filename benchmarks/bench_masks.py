@@ -27,9 +27,14 @@ from jaxsparse._select import num_pruned, prune_lowest_by_bisection
 from jaxsparse.experiments.models import init_mlp, loss_fn
 
 
+def _kernels(scores):
+    """The leaves ``layerwise_mask`` selects by default (``ndim >= 2``)."""
+    return [x for x in jax.tree.leaves(scores) if x.ndim >= 2]
+
+
 def bisection_layerwise(scores, sparsity):
     """``layerwise_mask`` by the reference bisection (no tree handling)."""
-    leaves = jax.tree.leaves(scores)
+    leaves = _kernels(scores)
     pruned = prune_lowest_by_bisection(
         [[x] for x in leaves], [num_pruned(sparsity, x.size) for x in leaves]
     )
@@ -37,7 +42,7 @@ def bisection_layerwise(scores, sparsity):
 
 
 def bisection_global(scores, sparsity):
-    leaves = jax.tree.leaves(scores)
+    leaves = _kernels(scores)
     total = sum(x.size for x in leaves)
     return [
         ~p
