@@ -193,7 +193,25 @@ def prune_lowest_by_bisection(
     for g in groups:
         offsets = np.cumsum([0] + [int(np.prod(s.shape)) for s in g])
         positions.append([_flat_index(s.shape, int(o)) for s, o in zip(g, offsets)])
-    ibits = max(max(sizes).bit_length(), 1)
+    # Only a threshold shared by more entries than still need pruning needs
+    # the position bisection; otherwise every tie is pruned (cut at 0).
+    partial = jnp.any(jnp.stack([n > r for n, r in zip(n_ties, need)]))
+    cuts = lax.cond(
+        partial,
+        lambda: _position_cuts(ties, positions, need, max(sizes), count_true),
+        lambda: tuple(jnp.zeros((), jnp.uint32) for _ in groups),
+    )
+    return [
+        [b | (t & (p >= c)) for b, t, p in zip(bg, tg, pg)]
+        for bg, tg, pg, c in zip(below, ties, positions, cuts)
+    ]
+
+
+def _position_cuts(ties, positions, need, size: int, count_true) -> tuple:
+    """Per group the largest position cut with at least ``need[g]`` ties at or
+    after it, one position bit per pass (positions are distinct, so exactly
+    ``need[g]`` of them)."""
+    ibits = max(size.bit_length(), 1)
 
     def position_step(i, js):
         bit = jnp.left_shift(
@@ -203,26 +221,13 @@ def prune_lowest_by_bisection(
         for g, j in enumerate(js):
             cand = j | bit
             at_or_after = sum(
-                jnp.sum(t & (p >= cand), dtype=jnp.int32)
-                for t, p in zip(ties[g], positions[g])
+                count_true(t & (p >= cand)) for t, p in zip(ties[g], positions[g])
             )
             out.append(jnp.where(at_or_after >= need[g], cand, j))
         return tuple(out)
 
-    # Only a threshold shared by more entries than still need pruning needs
-    # the position bisection; otherwise every tie is pruned (cut at 0).
-    partial = jnp.any(jnp.stack([n > r for n, r in zip(n_ties, need)]))
-    cuts = lax.cond(
-        partial,
-        lambda: lax.fori_loop(
-            0, ibits, position_step, tuple(jnp.zeros((), jnp.uint32) for _ in groups)
-        ),
-        lambda: tuple(jnp.zeros((), jnp.uint32) for _ in groups),
-    )
-    return [
-        [b | (t & (p >= c)) for b, t, p in zip(bg, tg, pg)]
-        for bg, tg, pg, c in zip(below, ties, positions, cuts)
-    ]
+    start = tuple(jnp.zeros((), jnp.uint32) for _ in ties)
+    return lax.fori_loop(0, ibits, position_step, start)
 
 
 # Fixed pseudo-random sample positions: the sample only guides the search,
@@ -465,27 +470,10 @@ def prune_lowest(
         for g, (t, h) in enumerate(zip(lo, hit))
     ]
     need = [k - c for k, c in zip(ks, c_lo)]
-    ibits = max(max(sizes).bit_length(), 1)
-
-    def position_step(i, js):
-        bit = jnp.left_shift(
-            jnp.ones((), jnp.uint32), (ibits - 1 - i).astype(jnp.uint32)
-        )
-        out = []
-        for g, j in enumerate(js):
-            cand = j | bit
-            at_or_after = sum(
-                _count(t & (p >= cand)) for t, p in zip(ties[g], positions[g])
-            )
-            out.append(jnp.where(at_or_after >= need[g], cand, j))
-        return tuple(out)
-
     cuts = lax.cond(
         jnp.all(jnp.stack(hit)),
         lambda: tuple(jnp.zeros((), jnp.uint32) for _ in groups),
-        lambda: lax.fori_loop(
-            0, ibits, position_step, tuple(jnp.zeros((), jnp.uint32) for _ in groups)
-        ),
+        lambda: _position_cuts(ties, positions, need, max(sizes), _count),
     )
     return [
         [
