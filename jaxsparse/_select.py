@@ -243,6 +243,8 @@ def _count(pred: jax.Array) -> jax.Array:
     a same-type column sum but not a widening one, which is 5x slower; the
     partial counts cannot overflow (at most 128 each).
     """
+    if _sharded(pred):  # each device sums its shard; no reshape to resolve
+        return jnp.sum(pred, dtype=jnp.int32)
     flat = pred.reshape(-1)
     main = flat.size // _COLUMNS * _COLUMNS
     if main == 0:
@@ -268,6 +270,20 @@ def _sample_positions(sizes: Sequence[int]) -> list[np.ndarray]:
     return out
 
 
+def _sharded(x: jax.Array) -> bool:
+    """Whether ``x``'s type carries a sharding (Explicit mesh axes), under
+    which reshapes and gathers must say where their result lives."""
+    return any(axis is not None for axis in getattr(jax.typeof(x).sharding, "spec", ()))
+
+
+def _take(x: jax.Array, positions: np.ndarray) -> jax.Array:
+    """``x``'s entries at flat ``positions``, replicated."""
+    if not _sharded(x):
+        return x.reshape(-1)[positions]
+    index = tuple(jnp.asarray(i) for i in np.unravel_index(positions, x.shape))
+    return x.at[index].get(out_sharding=jax.sharding.PartitionSpec())
+
+
 def _sample_guesses(keys, valid, k, n_valid) -> tuple[jax.Array, jax.Array]:
     """Two probes from a sample that bracket the k-th lowest key with high
     probability: the sampled key about two standard deviations of the
@@ -276,10 +292,10 @@ def _sample_guesses(keys, valid, k, n_valid) -> tuple[jax.Array, jax.Array]:
     up inside the bracket as a whole)."""
     sizes = [int(np.prod(x.shape)) for x in keys]
     pos = _sample_positions(sizes)
-    sample = jnp.concatenate([x.reshape(-1)[p] for x, p in zip(keys, pos)])
+    sample = jnp.concatenate([_take(x, p) for x, p in zip(keys, pos)])
     ok = jnp.concatenate(
         [
-            jnp.ones(p.size, bool) if v is None else v.reshape(-1)[p]
+            jnp.ones(p.size, bool) if v is None else _take(v, p)
             for v, p in zip(valid, pos)
         ]
     )
