@@ -320,7 +320,7 @@ def _sample_guesses(keys, valid, k, n_valid) -> tuple[jax.Array, jax.Array]:
     return at_rank(r - spread), at_rank(r + spread) + 1
 
 
-def _search(count, ks, hi, c_hi, guesses, udt, keys_of=None):
+def _search(count, ks, hi, c_hi, guesses, udt, float_dtype):
     """Per group, a threshold ``t`` with ``count(t) == k``, or where there is
     none (ties straddle the k-th entry), the key ``lo`` with
     ``count(lo) < k < count(lo + 1)``.
@@ -333,10 +333,10 @@ def _search(count, ks, hi, c_hi, guesses, udt, keys_of=None):
     of 2**b keys closes in at most about 3b steps whatever the data. Guesses
     ``(step, key)`` replace the probe of that step when inside the bracket.
 
-    With ``keys_of`` (the float dtype whose order keys are searched), the
-    interpolation runs on the values once both ends are finite numbers: on
-    most data the count is closer to linear in the value than in the key,
-    whose slope halves at every power of two.
+    The keys are order keys of ``float_dtype``: the interpolation runs on
+    their values once both ends are finite numbers, since on most data the
+    count is closer to linear in the value than in the key, whose slope
+    halves at every power of two.
 
     Returns:
       Lists ``lo, c_lo, hit, t`` per group: ``hit`` says ``count(t) == k``;
@@ -363,15 +363,14 @@ def _search(count, ks, hi, c_hi, guesses, udt, keys_of=None):
             target = ks[g].astype(fdt) + jnp.where(far_low, -margin, margin)
             frac = (target - c_lo[g].astype(fdt)) / width.astype(fdt)
             offset = jnp.minimum(jnp.floor(frac * span.astype(fdt)), top).astype(udt)
-            if keys_of is not None:
-                a, b = _key_value(lo[g], keys_of), _key_value(hi[g], keys_of)
-                value = a + frac.astype(keys_of) * (b - a)
-                by_value = jnp.clip(order_key(value, keys_of), lo[g], hi[g]) - lo[g]
-                offset = jnp.where(
-                    jnp.isfinite(a) & jnp.isfinite(b) & jnp.isfinite(value),
-                    by_value,
-                    offset,
-                )
+            a, b = _key_value(lo[g], float_dtype), _key_value(hi[g], float_dtype)
+            value = a + frac.astype(float_dtype) * (b - a)
+            by_value = jnp.clip(order_key(value, float_dtype), lo[g], hi[g]) - lo[g]
+            offset = jnp.where(
+                jnp.isfinite(a) & jnp.isfinite(b) & jnp.isfinite(value),
+                by_value,
+                offset,
+            )
             t = jnp.where(
                 bisect[g], lo[g] + span // 2, lo[g] + jnp.clip(offset, one, span - one)
             )
@@ -469,7 +468,7 @@ def prune_lowest(
     top = jnp.asarray(np.iinfo(udt).max, udt)
     fdt = jnp.dtype(jnp.float64 if udt.itemsize == 8 else jnp.float32)
     lo, c_lo, hit, t_hit = _search(
-        below, ks, [top] * len(groups), n_valid, guesses, udt, keys_of=fdt
+        below, ks, [top] * len(groups), n_valid, guesses, udt, fdt
     )
     # A hit prunes the keys below it; otherwise those below lo and some ties.
     thresholds = [jnp.where(h, t, a) for h, t, a in zip(hit, t_hit, lo)]
