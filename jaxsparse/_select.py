@@ -128,15 +128,7 @@ def prune_lowest_by_bisection(
     layer-wise selection, every leaf for global selection). All groups are
     bisected in the same loop so a layer-wise mask is one loop, not one per
     leaf. Entries where ``valid`` is False are never counted nor pruned.
-
-    Args:
-      groups: score arrays, grouped by shared threshold.
-      counts: number of entries to prune in each group (int or int32 scalar,
-        clipped to the group's valid size).
-      valid: optional bool arrays (or ``None`` for all valid), as ``groups``.
-
-    Returns:
-      Bool arrays, ``True`` where pruned, in the layout of ``groups``.
+    Arguments and result as :func:`prune_lowest`.
     """
     all_scores = [s for g in groups for s in g]
     if not all_scores:
