@@ -162,9 +162,13 @@ def woodbury_update(
 
     def step(a, gs):
         u = a @ jnp.swapaxes(gs, 1, 2)
-        inner = num_samples * eye + gs @ u
-        factor = jax.scipy.linalg.cho_factor(inner, lower=True)
-        return a - u @ jax.scipy.linalg.cho_solve(factor, jnp.swapaxes(u, 1, 2)), None
+        # With L L^T = N I + G U, the update U (L L^T)^-1 U^T is W^T W for
+        # W = L^-1 U^T: one small triangular solve and one matrix product,
+        # symmetric by construction (cho_solve's two solves over the wide
+        # U^T cost more than the products on XLA's CPU backend).
+        lower = jnp.linalg.cholesky(num_samples * eye + gs @ u)
+        w = jax.scipy.linalg.solve_triangular(lower, jnp.swapaxes(u, 1, 2), lower=True)
+        return a - jnp.swapaxes(w, 1, 2) @ w, None
 
     return dataclasses.replace(inverse, blocks=split(lax.scan(step, a, chunks)[0]))
 

@@ -56,6 +56,20 @@ def test_woodbury_equals_numpy_inverse(block, n, damping):
             assert err < 1e-8, (method, b, err)
 
 
+@pytest.mark.parametrize("rank", [1, 3, 8, 64])
+def test_woodbury_update_of_any_rank_equals_numpy_inverse(rank):
+    # 19 gradients: every rank but 1 pads the last scan step with zeros.
+    g = {"w": jax.random.normal(jax.random.key(rank), (19, 4, 6))}
+    inv = fisher.woodbury_init(
+        jax.tree.map(lambda t: t[0], g), block_size=8, damping=0.05
+    )
+    blocks = fisher.woodbury_update(inv, g, num_samples=19, rank=rank).blocks["w"]
+    for b in range(3):
+        ref = fisher_reference(np.asarray(g["w"]), 8, 0.05, b)
+        np.testing.assert_allclose(blocks[b], ref, rtol=1e-9, atol=1e-12)
+        np.testing.assert_array_equal(blocks[b], np.asarray(blocks[b]).T)
+
+
 def test_woodbury_in_pieces_equals_all_at_once():
     g = {"w": jax.random.normal(jax.random.key(9), (30, 6, 2)), "b": jnp.ones((30, 2))}
     params = jax.tree.map(lambda t: t[0], g)
