@@ -1,7 +1,8 @@
 """Curvature cost, measured side by side in one run.
 
 1. HVP time over gradient time (forward-over-reverse), MLP 784-300-100-10
-   and the small conv net of bench_transforms, batch 128.
+   and the small conv net of bench_transforms, batch 128, beside the ratio
+   of their FLOPs as XLA counts them.
 2. Exact Hessian diagonal of a 100,352-parameter leaf (784x128 kernel of an
    MLP 784-128-10, batch 32): by the dense-layer structure, against the
    chunked, vmapped generic ``hessian_diag`` (its reference) and the
@@ -36,9 +37,15 @@ def hvp_ratio(name, params, loss, x, y):
     med = interleaved(
         {"grad": lambda: grad(params), "hvp": lambda: prod(params, v)}, 300
     )
+    # XLA's FLOP count: an exact HVP cannot take less time than this ratio
+    # where the products dominate.
+    flops = [
+        fn.lower(*args).compile().cost_analysis()["flops"]
+        for fn, args in ((grad, (params,)), (prod, (params, v)))
+    ]
     print(
         f"  {name:<22} grad {med['grad']:.3f} ms, hvp {med['hvp']:.3f} ms, "
-        f"ratio {med['hvp'] / med['grad']:.2f}"
+        f"ratio {med['hvp'] / med['grad']:.2f} (FLOPs {flops[1] / flops[0]:.2f})"
     )
 
 
