@@ -384,20 +384,23 @@ class _Compressed(Format):
             rows, cols = cols, rows
         pointer, indices = a["pointer"].astype(np.int64), a["indices"]
         _check(pointer.size == rows + 1, "the pointer length differs from the rows")
+        lengths = np.diff(pointer)
         _check(
-            pointer[0] == 0 and bool(np.all(np.diff(pointer) >= 0)),
-            "pointers are not monotone",
+            pointer[0] == 0 and bool(np.all(lengths >= 0)), "pointers are not monotone"
         )
         _check(
             pointer[-1] == indices.size == a["values"].size,
             "pointer, indices and values disagree",
         )
         _check(
-            bool(np.all((indices >= 0) & (indices < cols))), "an index is out of range"
+            indices.size == 0 or (indices.min() >= 0 and indices.max() < cols),
+            "an index is out of range",
         )
         matrix = np.zeros(rows * cols, enc.dtype)
-        r = np.repeat(np.arange(rows) * cols, np.diff(pointer))
-        matrix[r + indices] = a["values"]
+        # Flat positions built in place, in the index type numpy scatters by.
+        at = np.repeat(np.arange(0, rows * cols, cols, dtype=np.intp), lengths)
+        at += indices
+        matrix[at] = a["values"]
         matrix = matrix.reshape(rows, cols)
         return matrix.T if self.by_columns else matrix
 
