@@ -5,7 +5,8 @@
    bisection the search replaced (its reference), and against selection by
    argsort (what a sort-based pruning library does).
 2. Global selection over 10^8 scores (four leaves of 2.5e7), against the
-   bisection and a full sort of the same scores.
+   small selections' search (one probe per pass), the bisection and a full
+   sort of the same scores.
 
 Run: python benchmarks/bench_masks.py [--large-repeats N] [--skip-large]
 Timings interleave the contenders round by round so drift hits all alike.
@@ -23,7 +24,7 @@ import jax.numpy as jnp
 import optax
 
 import jaxsparse as js
-from jaxsparse._select import num_pruned, prune_lowest_by_bisection
+from jaxsparse._select import num_pruned, prune_lowest, prune_lowest_by_bisection
 from jaxsparse.experiments.models import init_mlp, loss_fn
 
 
@@ -125,6 +126,11 @@ def bench_large(repeats: int) -> None:
     }
     select = jax.jit(lambda s, sp: js.global_mask(s, sp))
     by_bisection = jax.jit(bisection_global)
+    one_probe = jax.jit(
+        lambda s, sp: prune_lowest(
+            [list(s.values())], [num_pruned(sp, 10**8)], paired=False
+        )
+    )
     sort_all = jax.jit(
         lambda s: jnp.sort(jnp.concatenate([v.ravel() for v in s.values()]))
     )
@@ -132,6 +138,7 @@ def bench_large(repeats: int) -> None:
     med = interleaved(
         {
             "global mask (jaxsparse)": lambda: select(scores, sp),
+            "one probe per pass": lambda: one_probe(scores, sp),
             "global mask (bisection)": lambda: by_bisection(scores, sp),
             "full sort (jnp.sort)": lambda: sort_all(scores),
         },
@@ -143,7 +150,11 @@ def bench_large(repeats: int) -> None:
     print(f"Global selection over 1e8 scores (4 x 2.5e7), median of {repeats}:")
     for name, ms in med.items():
         print(f"  {name:<30} {ms / 1e3:8.3f} s")
-    for other in ("full sort (jnp.sort)", "global mask (bisection)"):
+    for other in (
+        "full sort (jnp.sort)",
+        "global mask (bisection)",
+        "one probe per pass",
+    ):
         ratio = med[other] / med["global mask (jaxsparse)"]
         print(f"  ratio {other} / jaxsparse: {ratio:.2f}")
 

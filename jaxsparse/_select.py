@@ -8,8 +8,9 @@ traced value and XLA shards every pass without gathers. Ties at the
 threshold are broken by position (later positions are pruned first).
 
 :func:`prune_lowest` finds the threshold from a sample and interpolation in
-a handful of passes; :func:`prune_lowest_by_bisection`, one pass per key bit,
-is the reference it is tested against.
+a handful of passes (two probes per pass, and a gathered finish, once the
+scores outgrow the cache); :func:`prune_lowest_by_bisection`, one pass per
+key bit, is the reference it is tested against.
 """
 
 from __future__ import annotations
@@ -224,8 +225,14 @@ def _position_cuts(ties, positions, need, size: int, count_true) -> tuple:
 
 # Fixed pseudo-random sample positions: the sample only guides the search,
 # so any positions give the same result, and fixed ones keep it jittable.
-_SAMPLE_SIZE = 256
+# About 4 sqrt(n) of them puts the bracket around 1 % of 10^8 scores.
+_MIN_SAMPLE, _MAX_SAMPLE = 256, 65536
 _COLUMNS = 128
+# Selections whose groups all hold fewer entries than this probe once per
+# pass, with a sample of 256 and no finish: their keys stay in cache, where a
+# pass costs less than the paired search's sample sort and finish (which
+# also compile to twice the code); beyond it a pass reads memory.
+_PAIRS_FROM = 2**22
 
 
 def _count(pred: jax.Array) -> jax.Array:
@@ -241,22 +248,48 @@ def _count(pred: jax.Array) -> jax.Array:
     main = flat.size // _COLUMNS * _COLUMNS
     if main == 0:
         return jnp.sum(flat, dtype=jnp.int32)
-    columns = jnp.sum(
-        flat[:main].reshape(_COLUMNS, -1).astype(jnp.uint8), axis=0, dtype=jnp.uint8
-    )
-    total = jnp.sum(columns, dtype=jnp.int32)
+    total = jnp.sum(_column_counts(flat), dtype=jnp.int32)
     if main < flat.size:
         total = total + jnp.sum(flat[main:], dtype=jnp.int32)
     return total
 
 
-def _sample_positions(sizes: Sequence[int]) -> list[np.ndarray]:
-    """Per leaf, sorted flat positions of about ``_SAMPLE_SIZE`` in all."""
+def _column_counts(flat: jax.Array) -> jax.Array:
+    """True entries per column of the whole columns of ``flat`` viewed as
+    ``(128, size // 128)``, as uint8."""
+    main = flat.size // _COLUMNS * _COLUMNS
+    rows = flat[:main].reshape(_COLUMNS, -1).astype(jnp.uint8)
+    return jnp.sum(rows, axis=0, dtype=jnp.uint8)
+
+
+def _count_pair(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``_count(a), _count(b)`` in one pass: the two predicates are packed
+    into the bytes of a uint16 whose column sums cannot carry (at most 128
+    per byte), which costs about a fifth more than one count where two
+    separate reductions cost 1.5x to 5x."""
+    if _sharded(a):
+        return jnp.sum(a, dtype=jnp.int32), jnp.sum(b, dtype=jnp.int32)
+    a, b = a.reshape(-1), b.reshape(-1)
+    main = a.size // _COLUMNS * _COLUMNS
+    if main == 0:
+        return jnp.sum(a, dtype=jnp.int32), jnp.sum(b, dtype=jnp.int32)
+    packed = a[:main].astype(jnp.uint16) | (b[:main].astype(jnp.uint16) << 8)
+    columns = jnp.sum(packed.reshape(_COLUMNS, -1), axis=0, dtype=jnp.uint16)
+    count_a = jnp.sum(columns & 255, dtype=jnp.int32)
+    count_b = jnp.sum(columns >> 8, dtype=jnp.int32)
+    if main < a.size:
+        count_a = count_a + jnp.sum(a[main:], dtype=jnp.int32)
+        count_b = count_b + jnp.sum(b[main:], dtype=jnp.int32)
+    return count_a, count_b
+
+
+def _sample_positions(sizes: Sequence[int], want: int) -> list[np.ndarray]:
+    """Per leaf, sorted flat positions of about ``want`` in all."""
     total = sum(sizes)
     rng = np.random.default_rng(0)
     out = []
     for size in sizes:
-        take = min(size, max(1, -(-_SAMPLE_SIZE * size // total)))
+        take = min(size, max(1, -(-want * size // total)))
         pos = rng.choice(size, take, replace=False) if take < size else np.arange(size)
         out.append(np.sort(pos))
     return out
@@ -276,14 +309,186 @@ def _take(x: jax.Array, positions: np.ndarray) -> jax.Array:
     return x.at[index].get(out_sharding=jax.sharding.PartitionSpec())
 
 
-def _sample_guesses(keys, valid, k, n_valid) -> tuple[jax.Array, jax.Array]:
+def _largest(dtype) -> jax.Array:
+    return jnp.asarray(np.iinfo(dtype).max, dtype)
+
+
+def _sample_guesses(keys, valid, k, n_valid) -> list[tuple[int, int, jax.Array]]:
+    """Probes ``(step, slot, key)`` from a sample. The first step's pair
+    brackets the k-th lowest key but for odds of 1 in 400: the sampled key
+    three standard deviations of the estimate below it, and the key just
+    above the one as far above it (so a value shared by many entries, such
+    as the zeros of pruned weights, ends up inside the bracket as a whole).
+    The second step's pairs, five and eight deviations out, are the ones
+    inside the bracket when the first pair fell on one side."""
+    sizes = [int(np.prod(x.shape)) for x in keys]
+    want = min(max(4 * int(np.sqrt(sum(sizes))), _MIN_SAMPLE), _MAX_SAMPLE)
+    pos = _sample_positions(sizes, want)
+    sample = jnp.concatenate([_take(x, p) for x, p in zip(keys, pos)])
+    ok = jnp.concatenate(
+        [
+            jnp.ones(p.size, bool) if v is None else _take(v, p)
+            for v, p in zip(valid, pos)
+        ]
+    )
+    ordered = jnp.sort(jnp.where(ok, sample, _largest(sample.dtype)))
+    m = jnp.sum(ok, dtype=jnp.int32).astype(jnp.float32)
+    f = k.astype(jnp.float32) / jnp.maximum(n_valid, 1).astype(jnp.float32)
+    r = f * m
+    # A sample of the whole group gives the k-th key itself.
+    whole = sum(p.size for p in pos) == sum(sizes)
+    sigma = 0.0 if whole else jnp.sqrt(r * (1.0 - f)) + 0.5
+    last = jnp.maximum(m - 1.0, 0.0)
+
+    def below(deviations):
+        return ordered[
+            jnp.clip(jnp.floor(r - deviations * sigma), 0.0, last).astype(jnp.int32)
+        ]
+
+    def above(deviations):
+        return (
+            ordered[
+                jnp.clip(jnp.floor(r + deviations * sigma), 0.0, last).astype(jnp.int32)
+            ]
+            + 1
+        )
+
+    return [
+        (0, 0, below(3.0)),
+        (0, 1, above(3.0)),
+        (1, 0, below(8.0)),
+        (1, 1, below(5.0)),
+        (1, 0, above(5.0)),
+        (1, 1, above(8.0)),
+    ]
+
+
+def _search(count, ks, hi, c_hi, guesses, udt, float_dtype, stop_widths):
+    """Per group, a threshold ``t`` with ``count(t) == k``, or a bracket
+    ``lo < hi`` with ``count(lo) < k < count(hi)`` that holds at most
+    ``stop_widths[g]`` entries or a single key.
+
+    ``count`` maps two thresholds per group to the numbers of entries below
+    each, in one pass; it is monotone, ``count(0) == 0`` and
+    ``count(hi) == c_hi``. Each step probes about two standard deviations
+    either side of where interpolating between the bracket's counts puts
+    the k-th entry, so on smooth data a bracket of w entries becomes one of
+    about 4 sqrt(w). A step that fails to halve the bracket's count makes
+    the next one cut its keys in thirds, so a bracket of 2**b keys closes in
+    at most about 2b steps whatever the data. Guesses
+    ``(step, slot, key)`` replace that step's lower (slot 0) or upper probe
+    when inside the bracket.
+
+    The keys are order keys of ``float_dtype``: the interpolation runs on
+    their values once both ends are finite numbers, since on most data the
+    count is closer to linear in the value than in the key, whose slope
+    halves at every power of two.
+
+    Returns:
+      Lists ``lo, c_lo, hi, c_hi, hit, t`` per group: ``hit`` says
+      ``count(t) == k``.
+    """
+    groups = range(len(ks))
+    fdt = jnp.float64 if udt.itemsize == 8 else jnp.float32
+    # The largest float below 2**bits, so the conversion back cannot overflow.
+    top = float(np.nextafter(np.asarray(2.0 ** (8 * udt.itemsize), fdt), 0))
+    one = jnp.ones((), udt)
+
+    def probe(lo, hi, c_lo, width, target):
+        span = hi - lo
+        frac = jnp.clip((target - c_lo.astype(fdt)) / width, 0.0, 1.0)
+        offset = jnp.minimum(jnp.floor(frac * span.astype(fdt)), top).astype(udt)
+        a, b = _key_value(lo, float_dtype), _key_value(hi, float_dtype)
+        value = a + frac.astype(float_dtype) * (b - a)
+        by_value = jnp.clip(order_key(value, float_dtype), lo, hi) - lo
+        offset = jnp.where(
+            jnp.isfinite(a) & jnp.isfinite(b) & jnp.isfinite(value), by_value, offset
+        )
+        return lo + jnp.clip(offset, one, span - one)
+
+    def step(state):
+        i, lo, hi, c_lo, c_hi, hit, t_hit, thirds, missed = state
+        probes = []
+        for g in groups:
+            width = jnp.maximum(c_hi[g] - c_lo[g], 1).astype(fdt)
+            f = (ks[g] - c_lo[g]).astype(fdt) / width
+            # Where the count bends inside the bracket (a tail), linear
+            # interpolation is biased by a few percent of a wide bracket's
+            # count: the pair allows for 3 %, and after probes that both
+            # fell on one side it is set four times wider.
+            spread = jnp.where(missed[g], 8.0, 2.0)
+            delta = spread * jnp.sqrt(width * f * (1.0 - f)) + width / 32 + 1.0
+            target = ks[g].astype(fdt)
+            t1 = probe(lo[g], hi[g], c_lo[g], width, target - delta)
+            t2 = probe(lo[g], hi[g], c_lo[g], width, target + delta)
+            span = hi[g] - lo[g]
+            t1 = jnp.where(thirds[g], lo[g] + jnp.maximum(span // 3, one), t1)
+            t2 = jnp.where(thirds[g], hi[g] - jnp.maximum(span // 3, one), t2)
+            for at, slot, key in guesses[g]:
+                inside = (i == at) & (lo[g] < key) & (key < hi[g])
+                if slot == 0:
+                    t1 = jnp.where(inside, key, t1)
+                else:
+                    t2 = jnp.where(inside, key, t2)
+            probes.append((jnp.minimum(t1, t2), jnp.maximum(t1, t2)))
+        counts = count(probes)
+        new = [[] for _ in range(8)]
+        for g in groups:
+            (t1, t2), (c1, c2) = probes[g], counts[g]
+            live = ~hit[g] & (hi[g] - lo[g] > one)
+            # c1 <= c2: the bracket's new ends are the tightest probes.
+            up1, up2 = live & (c1 < ks[g]), live & (c2 < ks[g])
+            down1, down2 = live & (c1 > ks[g]), live & (c2 > ks[g])
+            nlo = jnp.where(up2, t2, jnp.where(up1, t1, lo[g]))
+            nc_lo = jnp.where(up2, c2, jnp.where(up1, c1, c_lo[g]))
+            nhi = jnp.where(down1, t1, jnp.where(down2, t2, hi[g]))
+            nc_hi = jnp.where(down1, c1, jnp.where(down2, c2, c_hi[g]))
+            found1, found2 = live & (c1 == ks[g]), live & (c2 == ks[g])
+            new[0].append(nlo)
+            new[1].append(nhi)
+            new[2].append(nc_lo)
+            new[3].append(nc_hi)
+            new[4].append(hit[g] | found1 | found2)
+            new[5].append(jnp.where(found1, t1, jnp.where(found2, t2, t_hit[g])))
+            new[6].append(
+                (i >= 2) & ~thirds[g] & (2 * (nc_hi - nc_lo) > c_hi[g] - c_lo[g])
+            )
+            new[7].append(up2 | down1)
+        return (i + 1, *map(tuple, new))
+
+    def unfinished(state):
+        _, lo, hi, c_lo, c_hi, hit, _, _, _ = state
+        done = [
+            h | (b - a == one) | (d - c <= w)
+            for a, b, c, d, h, w in zip(lo, hi, c_lo, c_hi, hit, stop_widths)
+        ]
+        return ~jnp.all(jnp.stack(done))
+
+    zeros = tuple(jnp.zeros((), jnp.int32) for _ in groups)
+    zero = jnp.zeros((), udt)
+    state = (
+        jnp.zeros((), jnp.int32),
+        tuple(zero for _ in groups),
+        tuple(hi),
+        zeros,
+        tuple(c_hi),
+        tuple((k == 0) | (k == c) for k, c in zip(ks, c_hi)),
+        tuple(jnp.where(k == 0, zero, h) for k, h in zip(ks, hi)),
+        tuple(jnp.zeros((), bool) for _ in groups),
+        tuple(jnp.zeros((), bool) for _ in groups),
+    )
+    _, lo, hi, c_lo, c_hi, hit, t_hit, *_ = lax.while_loop(unfinished, step, state)
+    return list(lo), list(c_lo), list(hi), list(c_hi), list(hit), list(t_hit)
+
+
+def _sample_pair(keys, valid, k, n_valid) -> tuple[jax.Array, jax.Array]:
     """Two probes from a sample that bracket the k-th lowest key with high
     probability: the sampled key about two standard deviations of the
     estimate below it, and the key just above the one as far above it (so a
     value shared by many entries, such as the zeros of pruned weights, ends
     up inside the bracket as a whole)."""
     sizes = [int(np.prod(x.shape)) for x in keys]
-    pos = _sample_positions(sizes)
+    pos = _sample_positions(sizes, _MIN_SAMPLE)
     sample = jnp.concatenate([_take(x, p) for x, p in zip(keys, pos)])
     ok = jnp.concatenate(
         [
@@ -312,10 +517,11 @@ def _sample_guesses(keys, valid, k, n_valid) -> tuple[jax.Array, jax.Array]:
     return at_rank(r - spread), at_rank(r + spread) + 1
 
 
-def _search(count, ks, hi, c_hi, guesses, udt, float_dtype):
-    """Per group, a threshold ``t`` with ``count(t) == k``, or where there is
-    none (ties straddle the k-th entry), the key ``lo`` with
-    ``count(lo) < k < count(lo + 1)``.
+def _search_by_one(count, ks, hi, c_hi, guesses, udt, float_dtype):
+    """:func:`_search` for small selections: one probe per step, which
+    compiles to half the code. Per group, a threshold ``t`` with
+    ``count(t) == k``, or where there is none (ties straddle the k-th
+    entry), the key ``lo`` with ``count(lo) < k < count(lo + 1)``.
 
     ``count`` maps one threshold per group to the number of entries below
     each; it is monotone, ``count(0) == 0`` and ``count(hi) == c_hi``. Each
@@ -410,10 +616,88 @@ def _search(count, ks, hi, c_hi, guesses, udt, float_dtype):
     return list(lo), list(c_lo), list(hit), list(t_hit)
 
 
+def _bracket_width(size: int) -> int:
+    """How many entries a bracket may hold for :func:`_finish` to take over:
+    it gathers as many columns of 128, which stays a small part of a pass
+    over ``size`` scores."""
+    return min(max(size // 1024, 16), 4096)
+
+
+def _finish(keys, valid, offsets, lo, hi, need, width: int):
+    """The exact cut inside a bracket of at most ``width`` valid entries:
+    ``(t, tie, cut)`` such that the keys below ``t``, and the entries keyed
+    ``tie`` at positions from ``cut`` on when ``tie`` is set, are ``need``
+    of the bracket's lowest (ties broken as the reference does).
+
+    One pass counts the bracket's entries per column; the columns holding
+    any (at most ``width``) are gathered by the largest counts, with each
+    leaf's last ``size % 128`` entries, and the bracket's entries among them
+    sorted.
+    """
+    columns, cand_keys, cand_pos, cand_in = [], [], [], []
+    for x, v, o in zip(keys, valid, offsets):
+        inside = (lo <= x) & (x < hi)
+        inside = inside if v is None else inside & v
+        flat = inside.reshape(-1)
+        main = flat.size // _COLUMNS * _COLUMNS
+        if main:
+            columns.append(_column_counts(flat))
+        if main < flat.size:
+            cand_keys.append(x.reshape(-1)[main:])
+            cand_pos.append(
+                jnp.arange(int(o) + main, int(o) + flat.size, dtype=jnp.uint32)
+            )
+            cand_in.append(flat[main:])
+    n_columns = sum(c.size for c in columns)
+    if n_columns:
+        counts = jnp.concatenate(columns).astype(jnp.float32)
+        # The float top_k is a partial sort on XLA's CPU backend; an integer
+        # one would sort everything.
+        chosen = lax.top_k(counts, min(width, n_columns))[1]
+        start = 0
+        for x, v, o in zip(keys, valid, offsets):
+            n = x.size // _COLUMNS
+            if n == 0:
+                continue
+            local = jnp.clip(chosen - start, 0, n - 1)
+            mine = (chosen >= start) & (chosen < start + n)
+            start += n
+
+            def gather(a, n=n, local=local):
+                return a.reshape(-1)[: n * _COLUMNS].reshape(_COLUMNS, n)[:, local]
+
+            k = gather(x)
+            rows = jnp.arange(_COLUMNS, dtype=jnp.uint32)[:, None] * n
+            q = jnp.uint32(o) + rows + local.astype(jnp.uint32)[None, :]
+            inside = mine[None, :] & (lo <= k) & (k < hi)
+            if v is not None:
+                inside = inside & gather(v)
+            cand_keys.append(k.reshape(-1))
+            cand_pos.append(q.reshape(-1))
+            cand_in.append(inside.reshape(-1))
+    k, q, inside = map(jnp.concatenate, (cand_keys, cand_pos, cand_in))
+    if k.size > width:  # keep the bracket's entries only, before sorting
+        kept = lax.top_k(inside.astype(jnp.float32), width)[1]
+        k, q, inside = k[kept], q[kept], inside[kept]
+    last = k.size - 1
+    ordered = jnp.sort(jnp.where(inside, k, _largest(k.dtype)))
+    tie = ordered[jnp.clip(need - 1, 0, last)]
+    below = jnp.sum(inside & (k < tie), dtype=jnp.int32)
+    equal = inside & (k == tie)
+    # The reference prunes the latest ties first: the cut is the position of
+    # the `need - below`-th last of them.
+    latest = jnp.sort(jnp.where(equal, q, 0))
+    cut = latest[jnp.clip(k.size - (need - below), 0, last)]
+    exact = need - below == jnp.sum(equal, dtype=jnp.int32)
+    return jnp.where(exact, tie + 1, tie), ~exact, tie, cut
+
+
 def prune_lowest(
     groups: Sequence[Sequence[jax.Array]],
     counts: Sequence[jax.Array | int],
     valid: Sequence[Sequence[jax.Array | None]] | None = None,
+    *,
+    paired: bool | None = None,
 ) -> list[list[jax.Array]]:
     """Boolean "pruned" arrays marking exactly ``counts[g]`` lowest entries.
 
@@ -423,18 +707,27 @@ def prune_lowest(
     leaf. Entries where ``valid`` is False are never counted nor pruned.
 
     A sample of the scores brackets the threshold and interpolation closes
-    the bracket, each step one compare-and-count pass (9 to 15 on the MLP
-    and 10^8-score cases of ``benchmarks/bench_masks.py``, against 20 to 32
-    for one pass per key bit). Ties that straddle the threshold are broken by
-    bisecting on the position, as the reference does. Nothing is sorted and
-    the extra memory is one key array per leaf. The result is bit for bit
-    that of :func:`prune_lowest_by_bisection`.
+    the bracket, each step one compare-and-count pass. Small selections
+    (every group under 2**22 entries, whose keys stay in cache) probe once
+    per pass from a sample of 256: 9 to 15 passes on the MLP of
+    ``benchmarks/bench_masks.py``, against 20 to 32 for one pass per key
+    bit. Large ones (``paired``) count two probes per pass from a sample of
+    about ``4 sqrt(n)`` and gather the bracket once it holds at most
+    ``n / 1024`` entries (at most 4096): 3 or 4 passes over the keys on
+    10^7 scores, then one to gather and one to write the mask. Ties that
+    straddle the threshold are broken by position as the reference does,
+    by sorting the gathered bracket or, for a tie larger than it, by
+    bisecting on the position. Only the sample and the gathered bracket
+    are sorted, and the extra memory is one key array per leaf. The result
+    is bit for bit that of :func:`prune_lowest_by_bisection`.
 
     Args:
       groups: score arrays, grouped by shared threshold.
       counts: number of entries to prune in each group (int or int32 scalar,
         clipped to the group's valid size).
       valid: optional bool arrays (or ``None`` for all valid), as ``groups``.
+      paired: the large selections' search (``True``) or the small ones'
+        (``False``); by default chosen by the largest group's size.
 
     Returns:
       Bool arrays, ``True`` where pruned, in the layout of ``groups``.
@@ -453,35 +746,109 @@ def prune_lowest(
             for g, t in enumerate(ts)
         ]
 
-    guesses = []
-    for g in range(len(groups)):
-        below_guess, above_guess = _sample_guesses(keys[g], valid[g], ks[g], n_valid[g])
-        guesses.append([(0, below_guess), (1, above_guess)])
-    top = jnp.asarray(np.iinfo(udt).max, udt)
+    def below_pairs(ts):
+        return [
+            tuple(
+                sum(c)
+                for c in zip(
+                    *(
+                        _count_pair(masked(k < t1, v), masked(k < t2, v))
+                        for k, v in zip(keys[g], valid[g])
+                    )
+                )
+            )
+            for g, (t1, t2) in enumerate(ts)
+        ]
+
+    top = _largest(udt)
     fdt = jnp.dtype(jnp.float64 if udt.itemsize == 8 else jnp.float32)
-    lo, c_lo, hit, t_hit = _search(
-        below, ks, [top] * len(groups), n_valid, guesses, udt, fdt
-    )
-    # A hit prunes the keys below it; otherwise those below lo and some ties.
-    thresholds = [jnp.where(h, t, a) for h, t, a in zip(hit, t_hit, lo)]
+    if paired is None:
+        paired = max(sizes) >= _PAIRS_FROM
+    if not paired:
+        guesses = [
+            list(enumerate(_sample_pair(k, v, c, n)))
+            for k, v, c, n in zip(keys, valid, ks, n_valid)
+        ]
+        lo, c_lo, hit, t_hit = _search_by_one(
+            below, ks, [top] * len(groups), n_valid, guesses, udt, fdt
+        )
+        c_hi, hi, widths = c_lo, lo, [0] * len(groups)
+    else:
+        guesses = [
+            _sample_guesses(k, v, c, n) for k, v, c, n in zip(keys, valid, ks, n_valid)
+        ]
+        # A bracket small enough is finished by gathering it; sharded leaves
+        # keep searching (their columns would be gathered across devices).
+        widths = [
+            0 if any(_sharded(k) for k in keys[g]) else _bracket_width(sizes[g])
+            for g in range(len(groups))
+        ]
+        lo, c_lo, hi, c_hi, hit, t_hit = _search(
+            below_pairs, ks, [top] * len(groups), n_valid, guesses, udt, fdt, widths
+        )
     offsets = [np.cumsum([0] + [int(np.prod(s.shape)) for s in g]) for g in groups]
     positions = [
         [_flat_index(s.shape, int(o)) for s, o in zip(g, offs)]
         for g, offs in zip(groups, offsets)
     ]
-    # Without a hit, ties at lo straddle the k-th entry: the latest `need`
-    # of them are pruned, found by bisecting on the position as the
-    # reference does (rare, so its fixed number of passes costs little).
-    ties = [
-        [masked((k == t) & ~h, v) for k, v in zip(keys[g], valid[g])]
-        for g, (t, h) in enumerate(zip(lo, hit))
-    ]
     need = [k - c for k, c in zip(ks, c_lo)]
-    cuts = lax.cond(
-        jnp.all(jnp.stack(hit)),
-        lambda: tuple(jnp.zeros((), jnp.uint32) for _ in groups),
-        lambda: _position_cuts(ties, positions, need, max(sizes), _count),
+    gathered = [
+        ~h & (b - a <= w) if w else jnp.zeros((), bool)
+        for h, a, b, w in zip(hit, c_lo, c_hi, widths)
+    ]
+    finishing = [g for g, w in enumerate(widths) if w]
+
+    def finish():
+        out = []
+        for g in finishing:
+            out.append(
+                _finish(keys[g], valid[g], offsets[g], lo[g], hi[g], need[g], widths[g])
+            )
+        return tuple(out)
+
+    def no_finish():
+        return tuple(
+            (lo[g], jnp.zeros((), bool), lo[g], jnp.zeros((), jnp.uint32))
+            for g in finishing
+        )
+
+    finished = dict(
+        zip(
+            finishing,
+            lax.cond(
+                jnp.any(jnp.stack([gathered[g] for g in finishing]))
+                if finishing
+                else False,
+                finish,
+                no_finish,
+            ),
+        )
     )
+    # Otherwise the bracket is one key shared by more entries than the
+    # finish takes: the latest `need` of them are pruned, found by bisecting
+    # on the position as the reference does.
+    pile = [~h & ~f for h, f in zip(hit, gathered)]
+    ties = [
+        [masked((k == t) & p, v) for k, v in zip(keys[g], valid[g])]
+        for g, (t, p) in enumerate(zip(lo, pile))
+    ]
+    pile_cuts = lax.cond(
+        jnp.any(jnp.stack(pile)),
+        lambda: _position_cuts(ties, positions, need, max(sizes), _count),
+        lambda: tuple(jnp.zeros((), jnp.uint32) for _ in groups),
+    )
+    thresholds, tie_keys, tie_on, cuts = [], [], [], []
+    for g in range(len(groups)):
+        t, on, key, cut = finished.get(g, (lo[g], False, lo[g], pile_cuts[g]))
+        gather_g = gathered[g]
+        thresholds.append(jnp.where(hit[g], t_hit[g], jnp.where(gather_g, t, lo[g])))
+        tie_keys.append(jnp.where(gather_g, key, lo[g]))
+        tie_on.append(jnp.where(gather_g, on, pile[g]))
+        cuts.append(jnp.where(gather_g, cut, pile_cuts[g]))
+    ties = [
+        [masked((k == t) & on, v) for k, v in zip(keys[g], valid[g])]
+        for g, (t, on) in enumerate(zip(tie_keys, tie_on))
+    ]
     return [
         [
             masked(k < t, v) | (tie & (p >= c))

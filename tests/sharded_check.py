@@ -2,6 +2,7 @@
 selection over sharded params must equal the unsharded selection exactly,
 and masks must keep the params' sharding. Exits non-zero on a mismatch."""
 
+import functools
 import os
 import sys
 
@@ -14,6 +15,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 import jaxsparse as js
+from jaxsparse._select import prune_lowest, prune_lowest_by_bisection
 
 
 def main(axis_type: str) -> None:
@@ -64,6 +66,24 @@ def main(axis_type: str) -> None:
                     ), (axis_type, name, leaf, got[leaf].sharding)
             applied = jax.jit(js.apply_mask)(sharded, got)
             assert applied["a"].sharding.is_equivalent_to(sharded["a"].sharding, 2)
+        # Both searches, grouped globally and per leaf (the replicated leaf
+        # may finish by gathering; the sharded ones keep searching).
+        for paired in (False, True):
+            for groups in ([list(host)], [[k] for k in host]):
+                counts = [sum(host[k].size for k in g) * 9 // 10 for g in groups]
+
+                def select(tree, fn, groups=groups, counts=counts):
+                    return fn([[tree[k] for k in g] for g in groups], counts)
+
+                search = functools.partial(prune_lowest, paired=paired)
+                got = jax.jit(select, static_argnums=1)(sharded, search)
+                want = jax.jit(select, static_argnums=1)(
+                    plain, prune_lowest_by_bisection
+                )
+                for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+                    np.testing.assert_array_equal(
+                        np.asarray(a), np.asarray(b), err_msg=f"{axis_type} {paired}"
+                    )
     print(f"{axis_type}: sharded selection identical")
 
 

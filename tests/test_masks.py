@@ -1,5 +1,6 @@
 """Tests for jaxsparse.masks (and the selection kernel in _select.py)."""
 
+import functools
 import math
 import re
 
@@ -190,22 +191,18 @@ def _scores(kind, n, seed):
 SCORE_KINDS = ["normal", "integers", "few ties", "zero pile", "nan", "cauchy", "tiny"]
 
 
-@pytest.mark.parametrize("kind", SCORE_KINDS)
-@pytest.mark.parametrize("shape", [(1,), (7,), (128,), (50, 41), (3000, 7)])
-def test_search_selects_as_bisection_reference(kind, shape):
-    """Both ends of the search (a count hit, a tie straddling the threshold
-    broken by position) against one key bit per pass, for counts from none
-    to all, with and without ``valid``, one and two groups."""
+def _selects_as_bisection_reference(kind, shape, paired):
     n = int(np.prod(shape))
     x = jnp.asarray(_scores(kind, n, 0).reshape(shape), jnp.float32)
     y = jnp.asarray(_scores(kind, 300, 1), jnp.float32)
     v = jnp.asarray(np.random.default_rng(2).random(300) < 0.6)
+    search = jax.jit(functools.partial(prune_lowest, paired=paired))
 
     def both(counts):
         args = ([[x], [y]], counts, [[None], [v]])
-        new = jax.jit(prune_lowest)(*args)
+        new = search(*args)
         ref = jax.jit(prune_lowest_by_bisection)(*args)
-        together = jax.jit(prune_lowest)([[x, y]], [counts[0] + counts[1]])
+        together = search([[x, y]], [counts[0] + counts[1]])
         alone = jax.jit(prune_lowest_by_bisection)([[x, y]], [counts[0] + counts[1]])
         return new + together, ref + alone
 
@@ -217,20 +214,47 @@ def test_search_selects_as_bisection_reference(kind, shape):
     np.testing.assert_array_equal(both([jnp.int32((9 * n) // 10), 0])[0][0][0], flat)
 
 
+@pytest.mark.parametrize("kind", SCORE_KINDS)
+@pytest.mark.parametrize("shape", [(1,), (7,), (128,), (50, 41), (3000, 7)])
+def test_search_selects_as_bisection_reference(kind, shape):
+    """Both ends of the search (a count hit, a tie straddling the threshold
+    broken by position) against one key bit per pass, for counts from none
+    to all, with and without ``valid``, one and two groups."""
+    _selects_as_bisection_reference(kind, shape, paired=False)
+
+
+@pytest.mark.parametrize("kind", SCORE_KINDS)
+@pytest.mark.parametrize("shape", [(7,), (50, 41), (3000, 7)])
+def test_paired_search_selects_as_bisection_reference(kind, shape):
+    """The large selections' search on small ones, so that every end is
+    reached: a hit, a bracket of at most 16 entries gathered from columns
+    and tails (ties inside it broken by position), and a tie pile larger
+    than that bisected on the position."""
+    _selects_as_bisection_reference(kind, shape, paired=True)
+
+
 def test_search_in_float64(x64):
     x = jnp.asarray(_scores("normal", 5000, 3), jnp.float64)
     x = x.at[::7].set(x[0])  # a 715-way tie among distinct doubles
     for k in (0, 100, 2500, 4999):
-        (a,), (b,) = prune_lowest([[x]], [k]), prune_lowest_by_bisection([[x]], [k])
-        np.testing.assert_array_equal(a[0], b[0])
+        (b,) = prune_lowest_by_bisection([[x]], [k])
+        for paired in (False, True):
+            (a,) = prune_lowest([[x]], [k], paired=paired)
+            np.testing.assert_array_equal(a[0], b[0])
 
 
 def test_search_memory_is_linear_without_a_sort():
     x = jnp.zeros((1000, 1000), jnp.float32)
-    lowered = jax.jit(lambda s: prune_lowest([[s]], [num_pruned(0.9, s.size)])).lower(x)
-    assert "stablehlo.sort" not in lowered.as_text()
-    temp = lowered.compile().memory_analysis().temp_size_in_bytes
-    assert temp <= 16 * x.size, temp  # the key and a few O(n) buffers, no copy per step
+    for paired in (False, True):
+        lowered = jax.jit(
+            lambda s, p=paired: prune_lowest([[s]], [num_pruned(0.9, s.size)], paired=p)
+        ).lower(x)
+        # Only a sample (4 sqrt(n)) and a gathered bracket are ever sorted.
+        sorts = r'"stablehlo.sort".*?\}\) : \(tensor<(\d+)x'
+        sizes = [int(n) for n in re.findall(sorts, lowered.as_text(), re.DOTALL)]
+        assert bool(sizes) == paired and max(sizes, default=0) <= x.size // 16, sizes
+        temp = lowered.compile().memory_analysis().temp_size_in_bytes
+        assert temp <= 16 * x.size, temp  # the key and a few O(n) buffers
 
 
 def test_include_predicate_and_regex():

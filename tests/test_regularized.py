@@ -12,6 +12,9 @@ def standard_promotion():
         yield
 
 
+# About 250 s on 2 cores; notebooks/regularized.ipynb, run by default, trains
+# every method through the same train_method.
+@pytest.mark.slow
 def test_every_method_trains_and_reads_out():
     rows = regularized.run_regularized([0], hidden=(32, 16), epochs=6)
     by_name = {r.method: r for r in rows}
