@@ -137,7 +137,7 @@ def woodbury_rate():
             ]
         )
 
-    fold, fold1 = fold_with(32), fold_with(1)
+    fold, fold1 = fold_with(64), fold_with(1)
     m = 1024
     a = jax.random.normal(key, (m, m))
     matmul = jax.jit(lambda a: a @ a)
@@ -158,7 +158,7 @@ def woodbury_rate():
     print(
         f"  woodbury {blocks} blocks x {b}^2, {n} gradients: {med['woodbury']:.1f} ms, "
         f"{rate_w:.1f} GFLOP/s; matmul {m}^3: {rate_m:.1f} GFLOP/s; "
-        f"fraction {rate_w / rate_m:.0%} (rank-32 steps; one gradient per step: "
+        f"fraction {rate_w / rate_m:.0%} (rank-64 steps; one gradient per step: "
         f"{med['rank-one']:.1f} ms, {rate_1 / rate_m:.0%})"
     )
 

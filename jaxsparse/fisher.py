@@ -107,7 +107,7 @@ def woodbury_init(
 
 
 def woodbury_update(
-    inverse: BlockInverse, grads: Params, *, num_samples: int, rank: int = 32
+    inverse: BlockInverse, grads: Params, *, num_samples: int, rank: int = 64
 ) -> BlockInverse:
     """Folds a mini-batch of per-example gradients into the block inverses.
 
