@@ -363,6 +363,24 @@ def _sample_guesses(keys, valid, k, n_valid) -> list[tuple[int, int, jax.Array]]
     ]
 
 
+def _start(ks, hi, c_hi, udt, flags: int) -> tuple:
+    """The searches' first state: step 0, per group the bracket ``[0, hi)``
+    with its counts, a hit where ``k`` is 0 or all of them (its threshold),
+    and ``flags`` per-group flags, all False."""
+    groups = range(len(ks))
+    zero = jnp.zeros((), udt)
+    return (
+        jnp.zeros((), jnp.int32),
+        tuple(zero for _ in groups),
+        tuple(hi),
+        tuple(jnp.zeros((), jnp.int32) for _ in groups),
+        tuple(c_hi),
+        tuple((k == 0) | (k == c) for k, c in zip(ks, c_hi)),
+        tuple(jnp.where(k == 0, zero, h) for k, h in zip(ks, hi)),
+        *(tuple(jnp.zeros((), bool) for _ in groups) for _ in range(flags)),
+    )
+
+
 def _search(count, ks, hi, c_hi, guesses, udt, float_dtype, stop_widths):
     """Per group, a threshold ``t`` with ``count(t) == k``, or a bracket
     ``lo < hi`` with ``count(lo) < k < count(hi)`` that holds at most
@@ -464,19 +482,7 @@ def _search(count, ks, hi, c_hi, guesses, udt, float_dtype, stop_widths):
         ]
         return ~jnp.all(jnp.stack(done))
 
-    zeros = tuple(jnp.zeros((), jnp.int32) for _ in groups)
-    zero = jnp.zeros((), udt)
-    state = (
-        jnp.zeros((), jnp.int32),
-        tuple(zero for _ in groups),
-        tuple(hi),
-        zeros,
-        tuple(c_hi),
-        tuple((k == 0) | (k == c) for k, c in zip(ks, c_hi)),
-        tuple(jnp.where(k == 0, zero, h) for k, h in zip(ks, hi)),
-        tuple(jnp.zeros((), bool) for _ in groups),
-        tuple(jnp.zeros((), bool) for _ in groups),
-    )
+    state = _start(ks, hi, c_hi, udt, flags=2)
     _, lo, hi, c_lo, c_hi, hit, t_hit, *_ = lax.while_loop(unfinished, step, state)
     return list(lo), list(c_lo), list(hi), list(c_hi), list(hit), list(t_hit)
 
@@ -546,7 +552,6 @@ def _search_by_one(count, ks, hi, c_hi, guesses, udt, float_dtype):
     # The largest float below 2**bits, so the conversion back cannot overflow.
     top = float(np.nextafter(np.asarray(2.0 ** (8 * udt.itemsize), fdt), 0))
     one = jnp.ones((), udt)
-    zero = jnp.zeros((), udt)
 
     def step(state):
         i, lo, hi, c_lo, c_hi, hit, t_hit, bisect = state
@@ -601,17 +606,7 @@ def _search_by_one(count, ks, hi, c_hi, guesses, udt, float_dtype):
         _, lo, hi, _, _, hit, _, _ = state
         return ~jnp.all(jnp.stack([h | (b - a == one) for a, b, h in zip(lo, hi, hit)]))
 
-    zeros = tuple(jnp.zeros((), jnp.int32) for _ in groups)
-    state = (
-        jnp.zeros((), jnp.int32),
-        tuple(zero for _ in groups),
-        tuple(hi),
-        zeros,
-        tuple(c_hi),
-        tuple((k == 0) | (k == c) for k, c in zip(ks, c_hi)),
-        tuple(jnp.where(k == 0, zero, h) for k, h in zip(ks, hi)),
-        tuple(jnp.zeros((), bool) for _ in groups),
-    )
+    state = _start(ks, hi, c_hi, udt, flags=1)
     _, lo, _, c_lo, _, hit, t_hit, _ = lax.while_loop(unfinished, step, state)
     return list(lo), list(c_lo), list(hit), list(t_hit)
 
