@@ -310,6 +310,7 @@ def _take(x: jax.Array, positions: np.ndarray) -> jax.Array:
 
 
 def _largest(dtype) -> jax.Array:
+    """The largest key of an unsigned ``dtype``, above every order key."""
     return jnp.asarray(np.iinfo(dtype).max, dtype)
 
 
@@ -620,9 +621,9 @@ def _bracket_width(size: int) -> int:
 
 def _finish(keys, valid, offsets, lo, hi, need, width: int):
     """The exact cut inside a bracket of at most ``width`` valid entries:
-    ``(t, tie, cut)`` such that the keys below ``t``, and the entries keyed
-    ``tie`` at positions from ``cut`` on when ``tie`` is set, are ``need``
-    of the bracket's lowest (ties broken as the reference does).
+    ``(t, tied, tie, cut)`` such that the keys below ``t``, and where
+    ``tied`` the entries keyed ``tie`` at positions from ``cut`` on, are
+    the bracket's ``need`` lowest (ties broken as the reference does).
 
     One pass counts the bracket's entries per column; the columns holding
     any (at most ``width``) are gathered by the largest counts, with each
@@ -807,29 +808,21 @@ def prune_lowest(
             for g in finishing
         )
 
-    finished = dict(
-        zip(
-            finishing,
-            lax.cond(
-                jnp.any(jnp.stack([gathered[g] for g in finishing]))
-                if finishing
-                else False,
-                finish,
-                no_finish,
-            ),
-        )
-    )
+    finished = {}
+    if finishing:
+        any_gathered = jnp.any(jnp.stack([gathered[g] for g in finishing]))
+        finished = dict(zip(finishing, lax.cond(any_gathered, finish, no_finish)))
     # Otherwise the bracket is one key shared by more entries than the
     # finish takes: the latest `need` of them are pruned, found by bisecting
     # on the position as the reference does.
     pile = [~h & ~f for h, f in zip(hit, gathered)]
-    ties = [
+    pile_ties = [
         [masked((k == t) & p, v) for k, v in zip(keys[g], valid[g])]
         for g, (t, p) in enumerate(zip(lo, pile))
     ]
     pile_cuts = lax.cond(
         jnp.any(jnp.stack(pile)),
-        lambda: _position_cuts(ties, positions, need, max(sizes), _count),
+        lambda: _position_cuts(pile_ties, positions, need, max(sizes), _count),
         lambda: tuple(jnp.zeros((), jnp.uint32) for _ in groups),
     )
     thresholds, tie_keys, tie_on, cuts = [], [], [], []
