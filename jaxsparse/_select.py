@@ -314,6 +314,21 @@ def _largest(dtype) -> jax.Array:
     return jnp.asarray(np.iinfo(dtype).max, dtype)
 
 
+def _sample(keys, valid, want: int) -> tuple[jax.Array, jax.Array, bool]:
+    """About ``want`` keys at fixed positions, whether each is valid, and
+    whether they are the whole group."""
+    sizes = [int(np.prod(x.shape)) for x in keys]
+    pos = _sample_positions(sizes, want)
+    sample = jnp.concatenate([_take(x, p) for x, p in zip(keys, pos)])
+    ok = jnp.concatenate(
+        [
+            jnp.ones(p.size, bool) if v is None else _take(v, p)
+            for v, p in zip(valid, pos)
+        ]
+    )
+    return sample, ok, sum(p.size for p in pos) == sum(sizes)
+
+
 def _sample_guesses(keys, valid, k, n_valid) -> list[tuple[int, int, jax.Array]]:
     """Probes ``(step, slot, key)`` from a sample. The first step's pair
     brackets the k-th lowest key but for odds of 1 in 400: the sampled key
@@ -324,20 +339,12 @@ def _sample_guesses(keys, valid, k, n_valid) -> list[tuple[int, int, jax.Array]]
     inside the bracket when the first pair fell on one side."""
     sizes = [int(np.prod(x.shape)) for x in keys]
     want = min(max(4 * int(np.sqrt(sum(sizes))), _MIN_SAMPLE), _MAX_SAMPLE)
-    pos = _sample_positions(sizes, want)
-    sample = jnp.concatenate([_take(x, p) for x, p in zip(keys, pos)])
-    ok = jnp.concatenate(
-        [
-            jnp.ones(p.size, bool) if v is None else _take(v, p)
-            for v, p in zip(valid, pos)
-        ]
-    )
+    sample, ok, whole = _sample(keys, valid, want)
     ordered = jnp.sort(jnp.where(ok, sample, _largest(sample.dtype)))
     m = jnp.sum(ok, dtype=jnp.int32).astype(jnp.float32)
     f = k.astype(jnp.float32) / jnp.maximum(n_valid, 1).astype(jnp.float32)
     r = f * m
     # A sample of the whole group gives the k-th key itself.
-    whole = sum(p.size for p in pos) == sum(sizes)
     sigma = 0.0 if whole else jnp.sqrt(r * (1.0 - f)) + 0.5
     last = jnp.maximum(m - 1.0, 0.0)
 
@@ -494,15 +501,7 @@ def _sample_pair(keys, valid, k, n_valid) -> tuple[jax.Array, jax.Array]:
     estimate below it, and the key just above the one as far above it (so a
     value shared by many entries, such as the zeros of pruned weights, ends
     up inside the bracket as a whole)."""
-    sizes = [int(np.prod(x.shape)) for x in keys]
-    pos = _sample_positions(sizes, _MIN_SAMPLE)
-    sample = jnp.concatenate([_take(x, p) for x, p in zip(keys, pos)])
-    ok = jnp.concatenate(
-        [
-            jnp.ones(p.size, bool) if v is None else _take(v, p)
-            for v, p in zip(valid, pos)
-        ]
-    )
+    sample, ok, whole = _sample(keys, valid, _MIN_SAMPLE)
     # Each sampled key's rank among the valid sample, ties by position.
     index = jnp.arange(sample.size)
     earlier = (sample[None, :] < sample[:, None]) | (
@@ -513,7 +512,6 @@ def _sample_pair(keys, valid, k, n_valid) -> tuple[jax.Array, jax.Array]:
     f = k.astype(jnp.float32) / jnp.maximum(n_valid, 1).astype(jnp.float32)
     r = f * m
     # A sample of the whole group gives the k-th key itself.
-    whole = sum(p.size for p in pos) == sum(sizes)
     spread = 0.0 if whole else 2.0 * jnp.sqrt(r * (1.0 - f)) + 1.0
     last = jnp.maximum(m - 1.0, 0.0)
 
