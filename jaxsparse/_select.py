@@ -726,9 +726,17 @@ def prune_lowest(
     Returns:
       Bool arrays, ``True`` where pruned, in the layout of ``groups``.
     """
-    all_scores = [s for g in groups for s in g]
-    if not all_scores:
+    if not any(groups):
         return [[] for _ in groups]
+    # Compiled as one function even when called eagerly: op by op, the
+    # searches' loops would compile per call (their bodies close over the
+    # counts), and every count would be a new compilation.
+    counts = [jnp.asarray(k, jnp.int32) for k in counts]
+    return _prune_lowest(groups, counts, valid, paired=paired)
+
+
+@functools.partial(jax.jit, static_argnames="paired")
+def _prune_lowest(groups, counts, valid, *, paired):
     keys, udt, valid, sizes, n_valid, ks = _prepared(groups, counts, valid, _count)
 
     def masked(x, v):
