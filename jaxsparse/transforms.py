@@ -461,23 +461,31 @@ def _wrapper_form(inner: optax.GradientTransformation, rule: _MaskRule, key, nam
             apply_mask(grads, mask), state.inner_state, params, **extra
         )
 
-        def settle():
-            changed = tree_util.tree_map(
-                lambda old, new: None if new is None else old != new,
-                state.mask,
-                mask,
-                is_leaf=_tree.is_none,
-            )
-            # Changed weights restart from 0: their update is -param.
-            settled = tree_util.tree_map(
-                lambda m, c: None if m is None else m & ~c,
-                mask,
-                changed,
-                is_leaf=_tree.is_none,
-            )
-            masked = _masked_updates(updates, settled, params)
-            if rule.grow_init is not None:
-                masked = _grown_start(
+        # Computed on every step rather than under a cond: on ordinary steps
+        # nothing changed and these selects fuse into the inner update,
+        # where a cond would keep the update (and the user's apply_updates)
+        # from fusing with it.
+        changed = tree_util.tree_map(
+            lambda old, new: None if new is None else old != new,
+            state.mask,
+            mask,
+            is_leaf=_tree.is_none,
+        )
+        # Changed weights restart from 0: their update is -param.
+        settled = tree_util.tree_map(
+            lambda m, c: None if m is None else m & ~c,
+            mask,
+            changed,
+            is_leaf=_tree.is_none,
+        )
+        masked = _masked_updates(updates, settled, params)
+        inner_state = _reset_moments(inner, inner_state, changed, params)
+        if rule.grow_init is not None:
+            # Drawing the new weights' start costs a pass of the random
+            # generator: only on the steps that may grow.
+            masked = lax.cond(
+                may_change,
+                lambda: _grown_start(
                     rule.grow_init,
                     jax.random.wrap_key_data(state.key),
                     state.count,
@@ -485,14 +493,9 @@ def _wrapper_form(inner: optax.GradientTransformation, rule: _MaskRule, key, nam
                     state.mask,
                     mask,
                     params,
-                )
-            return _reset_moments(inner, inner_state, changed, params), masked
-
-        def ordinary():
-            return inner_state, _masked_updates(updates, mask, params)
-
-        # Ordinary steps skip the comparison and the moment reset.
-        inner_state, masked = lax.cond(may_change, settle, ordinary)
+                ),
+                lambda: masked,
+            )
         masked, saved = _restore(masked, state.saved, state.mask, mask, params)
         return masked, SparsifyState(
             optax.safe_increment(state.count),
