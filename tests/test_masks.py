@@ -146,6 +146,26 @@ def test_traced_sparsity_compiles_once_and_counts_exactly(sparsity):
     assert len(traces) == 1
 
 
+def test_eager_selection_compiles_once_per_shape(monkeypatch):
+    """Called outside ``jit``, the selection is still one compiled function
+    whose counts are arguments: a new sparsity reuses it."""
+    from jaxsparse import _select
+
+    traces = []
+    prepared = _select._prepared
+
+    def counting(*args):
+        traces.append(1)
+        return prepared(*args)
+
+    monkeypatch.setattr(_select, "_prepared", counting)
+    scores = {"w": jnp.asarray(np.random.default_rng(0).normal(size=(3, 37)))}
+    for sparsity in (0.2, 0.5, 0.9):
+        mask = js.layerwise_mask(scores, sparsity)["w"]
+        assert int((~np.asarray(mask)).sum()) == round(sparsity * 111)
+    assert len(traces) == 1
+
+
 def test_num_pruned_rounds_half_to_even():
     assert num_pruned(0.5, 5) == 2
     assert num_pruned(0.5, 7) == 4
