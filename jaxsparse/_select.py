@@ -545,69 +545,69 @@ def _search_by_one(count, ks, hi, c_hi, guesses, udt, float_dtype):
       Lists ``lo, c_lo, hit, t`` per group: ``hit`` says ``count(t) == k``;
       otherwise ``count(lo) = c_lo < k < count(lo + 1)``.
     """
-    n_groups = len(ks)
+    groups = range(len(ks))
     n_guessed = max((at + 1 for g in guesses for at, _ in g), default=0)
     fdt = jnp.float64 if udt.itemsize == 8 else jnp.float32
     # The largest float below 2**bits, so the conversion back cannot overflow.
     top = float(np.nextafter(np.asarray(2.0 ** (8 * udt.itemsize), fdt), 0))
     one = jnp.ones((), udt)
-    # The groups' scalars are stacked into vectors, so each step's bracket
-    # arithmetic is one set of operations for all groups: on the small
-    # selections this search serves, operations, not passes, set the time.
-    start = _start(ks, hi, c_hi, udt, flags=1)
-    state = (start[0], *(jnp.stack(x) for x in start[1:]))
-    ks = jnp.stack(ks)
-    no_key = jnp.zeros((), udt)
-    guess_keys, guess_on = [], []
-    for at in range(n_guessed):
-        keys = [dict(g).get(at) for g in guesses]
-        guess_keys.append(jnp.stack([no_key if k is None else k for k in keys]))
-        guess_on.append(jnp.asarray([k is not None for k in keys]))
 
     def step(state):
         i, lo, hi, c_lo, c_hi, hit, t_hit, bisect = state
-        span = hi - lo
-        width = jnp.maximum(c_hi - c_lo, 1)
-        # Aim a little short of the target from the end farther from it,
-        # so that end jumps close and the near one is not crept up on.
-        margin = jnp.floor(0.5 * jnp.sqrt(width.astype(fdt)))
-        far_low = ks - c_lo > c_hi - ks
-        target = ks.astype(fdt) + jnp.where(far_low, -margin, margin)
-        frac = (target - c_lo.astype(fdt)) / width.astype(fdt)
-        offset = jnp.minimum(jnp.floor(frac * span.astype(fdt)), top).astype(udt)
-        a, b = _key_value(lo, float_dtype), _key_value(hi, float_dtype)
-        value = a + frac.astype(float_dtype) * (b - a)
-        by_value = jnp.clip(order_key(value, float_dtype), lo, hi) - lo
-        offset = jnp.where(
-            jnp.isfinite(a) & jnp.isfinite(b) & jnp.isfinite(value), by_value, offset
-        )
-        t = jnp.where(bisect, lo + span // 2, lo + jnp.clip(offset, one, span - one))
-        for at, (key, on) in enumerate(zip(guess_keys, guess_on)):
-            t = jnp.where((i == at) & on & (lo < key) & (key < hi), key, t)
-        c = jnp.stack(count([t[g] for g in range(n_groups)]))
-        live = ~hit & (hi - lo > one)
-        below, above = live & (c < ks), live & (c > ks)
-        found = live & (c == ks)
-        n_lo, nc_lo = jnp.where(below, t, lo), jnp.where(below, c, c_lo)
-        n_hi, nc_hi = jnp.where(above, t, hi), jnp.where(above, c, c_hi)
-        n_bisect = (i >= n_guessed) & ~bisect & (2 * (nc_hi - nc_lo) > c_hi - c_lo)
-        return (
-            i + 1,
-            n_lo,
-            n_hi,
-            nc_lo,
-            nc_hi,
-            hit | found,
-            jnp.where(found, t, t_hit),
-            n_bisect,
-        )
+        probes = []
+        for g in groups:
+            span = hi[g] - lo[g]
+            width = jnp.maximum(c_hi[g] - c_lo[g], 1)
+            # Aim a little short of the target from the end farther from it,
+            # so that end jumps close and the near one is not crept up on.
+            margin = jnp.floor(0.5 * jnp.sqrt(width.astype(fdt)))
+            far_low = ks[g] - c_lo[g] > c_hi[g] - ks[g]
+            target = ks[g].astype(fdt) + jnp.where(far_low, -margin, margin)
+            frac = (target - c_lo[g].astype(fdt)) / width.astype(fdt)
+            offset = jnp.minimum(jnp.floor(frac * span.astype(fdt)), top).astype(udt)
+            a, b = _key_value(lo[g], float_dtype), _key_value(hi[g], float_dtype)
+            value = a + frac.astype(float_dtype) * (b - a)
+            by_value = jnp.clip(order_key(value, float_dtype), lo[g], hi[g]) - lo[g]
+            offset = jnp.where(
+                jnp.isfinite(a) & jnp.isfinite(b) & jnp.isfinite(value),
+                by_value,
+                offset,
+            )
+            t = jnp.where(
+                bisect[g], lo[g] + span // 2, lo[g] + jnp.clip(offset, one, span - one)
+            )
+            for at, key in guesses[g]:
+                t = jnp.where((i == at) & (lo[g] < key) & (key < hi[g]), key, t)
+            probes.append(t)
+        counts = count(probes)
+        new = [[] for _ in range(7)]
+        for g in groups:
+            t, c = probes[g], counts[g]
+            live = ~hit[g] & (hi[g] - lo[g] > one)
+            below, above = live & (c < ks[g]), live & (c > ks[g])
+            nlo, nc_lo = jnp.where(below, t, lo[g]), jnp.where(below, c, c_lo[g])
+            nhi, nc_hi = jnp.where(above, t, hi[g]), jnp.where(above, c, c_hi[g])
+            found = live & (c == ks[g])
+            new[0].append(nlo)
+            new[1].append(nhi)
+            new[2].append(nc_lo)
+            new[3].append(nc_hi)
+            new[4].append(hit[g] | found)
+            new[5].append(jnp.where(found, t, t_hit[g]))
+            new[6].append(
+                (i >= n_guessed)
+                & ~bisect[g]
+                & (2 * (nc_hi - nc_lo) > c_hi[g] - c_lo[g])
+            )
+        return (i + 1, *map(tuple, new))
 
     def unfinished(state):
         _, lo, hi, _, _, hit, _, _ = state
-        return ~jnp.all(hit | (hi - lo == one))
+        return ~jnp.all(jnp.stack([h | (b - a == one) for a, b, h in zip(lo, hi, hit)]))
 
+    state = _start(ks, hi, c_hi, udt, flags=1)
     _, lo, _, c_lo, _, hit, t_hit, _ = lax.while_loop(unfinished, step, state)
-    return [list(x) for x in (lo, c_lo, hit, t_hit)]
+    return list(lo), list(c_lo), list(hit), list(t_hit)
 
 
 def _bracket_width(size: int) -> int:
