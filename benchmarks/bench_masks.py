@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import random
 import statistics
 import time
 
@@ -64,12 +65,21 @@ def argsort_mask(params, sparsity):
 
 
 def interleaved(fns: dict, repeats: int) -> dict[str, float]:
-    """Median wall time in ms of each zero-arg callable, round-robin."""
+    """Median wall time in ms of each zero-arg callable, round-robin.
+
+    Each round runs the callables in a fresh random order: in a fixed order
+    the one after a heavy contender (a training step) starts with its caches
+    cold, which moved side-by-side ratios by up to 15 %.
+    """
     for f in fns.values():
         jax.block_until_ready(f())
     times = {k: [] for k in fns}
+    order = random.Random(0)
+    names = list(fns)
     for _ in range(repeats):
-        for name, f in fns.items():
+        order.shuffle(names)
+        for name in names:
+            f = fns[name]
             start = time.perf_counter()
             jax.block_until_ready(f())
             times[name].append(time.perf_counter() - start)
