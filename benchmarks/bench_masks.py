@@ -65,24 +65,31 @@ def argsort_mask(params, sparsity):
 
 
 def interleaved(fns: dict, repeats: int) -> dict[str, float]:
-    """Median wall time in ms of each zero-arg callable, round-robin.
+    """Median wall time in ms of each zero-arg callable, in interleaved
+    rounds so that drift hits all alike.
 
-    Each round runs the callables in a fresh random order: in a fixed order
-    the one after a heavy contender (a training step) starts with its caches
-    cold, which moved side-by-side ratios by up to 15 %.
+    A contender's time depends on what ran before it: right after another
+    one its caches are cold, which moved side-by-side ratios by 10-15 %
+    depending on the order. So each round takes the contenders in a fresh
+    random order, and with 100 repeats or more each runs once untimed and
+    then five times back to back, as a training loop runs its step.
     """
     for f in fns.values():
         jax.block_until_ready(f())
     times = {k: [] for k in fns}
     order = random.Random(0)
     names = list(fns)
-    for _ in range(repeats):
+    block = 5 if repeats >= 100 else 1
+    for _ in range(max(1, repeats // block)):
         order.shuffle(names)
         for name in names:
             f = fns[name]
-            start = time.perf_counter()
-            jax.block_until_ready(f())
-            times[name].append(time.perf_counter() - start)
+            if block > 1:
+                jax.block_until_ready(f())
+            for _ in range(block):
+                start = time.perf_counter()
+                jax.block_until_ready(f())
+                times[name].append(time.perf_counter() - start)
     return {k: 1e3 * statistics.median(v) for k, v in times.items()}
 
 
