@@ -471,11 +471,12 @@ def _wrapper_form(inner: optax.GradientTransformation, rule: _MaskRule, key, nam
             mask,
             is_leaf=_tree.is_none,
         )
-        # Changed weights restart from 0: their update is -param.
+        # Only weights kept before and after take the update; changed ones
+        # restart from 0 (their update is -param).
         settled = tree_util.tree_map(
-            lambda m, c: None if m is None else m & ~c,
+            lambda new, old: None if new is None else new & old,
             mask,
-            changed,
+            state.mask,
             is_leaf=_tree.is_none,
         )
         masked = _masked_updates(updates, settled, params)
