@@ -214,12 +214,17 @@ def _scores(kind, n, seed):
 SCORE_KINDS = ["normal", "integers", "few ties", "zero pile", "nan", "cauchy", "tiny"]
 
 
+# One jitted function per search, shared by the cases: the score kinds of one
+# shape reuse its compilation.
+_SEARCHES = {p: jax.jit(functools.partial(prune_lowest, paired=p)) for p in (False, True)}
+
+
 def _selects_as_bisection_reference(kind, shape, paired):
     n = int(np.prod(shape))
     x = jnp.asarray(_scores(kind, n, 0).reshape(shape), jnp.float32)
     y = jnp.asarray(_scores(kind, 300, 1), jnp.float32)
     v = jnp.asarray(np.random.default_rng(2).random(300) < 0.6)
-    search = jax.jit(functools.partial(prune_lowest, paired=paired))
+    search = _SEARCHES[paired]
 
     def both(counts):
         args = ([[x], [y]], counts, [[None], [v]])
