@@ -216,7 +216,9 @@ SCORE_KINDS = ["normal", "integers", "few ties", "zero pile", "nan", "cauchy", "
 
 # One jitted function per search, shared by the cases: the score kinds of one
 # shape reuse its compilation.
-_SEARCHES = {p: jax.jit(functools.partial(prune_lowest, paired=p)) for p in (False, True)}
+_SEARCHES = {
+    p: jax.jit(functools.partial(prune_lowest, paired=p)) for p in (False, True)
+}
 
 
 def _selects_as_bisection_reference(kind, shape, paired):
