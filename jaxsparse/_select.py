@@ -789,10 +789,14 @@ def _prune_lowest(groups, counts, valid, *, paired):
             below_pairs, ks, [top] * len(groups), n_valid, guesses, udt, fdt, widths
         )
     offsets = [np.cumsum([0] + [int(np.prod(s.shape)) for s in g]) for g in groups]
-    positions = [
-        [_flat_index(s.shape, int(o)) for s, o in zip(g, offs)]
-        for g, offs in zip(groups, offsets)
-    ]
+
+    def positions():
+        # Built where each use needs them, so that they fuse into it: shared,
+        # they would be written out as one more array per leaf.
+        return [
+            [_flat_index(s.shape, int(o)) for s, o in zip(g, offs)]
+            for g, offs in zip(groups, offsets)
+        ]
     need = [k - c for k, c in zip(ks, c_lo)]
     gathered = [
         ~h & (b - a <= w) if w else jnp.zeros((), bool)
@@ -822,13 +826,19 @@ def _prune_lowest(groups, counts, valid, *, paired):
     # finish takes: the latest `need` of them are pruned, found by bisecting
     # on the position as the reference does.
     pile = [~h & ~f for h, f in zip(hit, gathered)]
-    pile_ties = [
-        [masked((k == t) & p, v) for k, v in zip(keys[g], valid[g])]
-        for g, (t, p) in enumerate(zip(lo, pile))
-    ]
+
+    def pile_cuts_of():
+        # The tie masks built inside the branch: outside it, they would cost
+        # a pass over the keys on every call, for a case that is rare.
+        ties = [
+            [masked((k == t) & p, v) for k, v in zip(keys[g], valid[g])]
+            for g, (t, p) in enumerate(zip(lo, pile))
+        ]
+        return _position_cuts(ties, positions(), need, max(sizes), _count)
+
     pile_cuts = lax.cond(
         jnp.any(jnp.stack(pile)),
-        lambda: _position_cuts(pile_ties, positions, need, max(sizes), _count),
+        pile_cuts_of,
         lambda: tuple(jnp.zeros((), jnp.uint32) for _ in groups),
     )
     thresholds, tie_keys, tie_on, cuts = [], [], [], []
@@ -843,10 +853,11 @@ def _prune_lowest(groups, counts, valid, *, paired):
         [masked((k == t) & on, v) for k, v in zip(keys[g], valid[g])]
         for g, (t, on) in enumerate(zip(tie_keys, tie_on))
     ]
+    at = positions()
     return [
         [
             masked(k < t, v) | (tie & (p >= c))
-            for k, v, tie, p in zip(keys[g], valid[g], ties[g], positions[g])
+            for k, v, tie, p in zip(keys[g], valid[g], ties[g], at[g])
         ]
         for g, (t, c) in enumerate(zip(thresholds, cuts))
     ]

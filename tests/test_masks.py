@@ -287,6 +287,32 @@ def test_search_memory_is_linear_without_a_sort():
         assert temp <= 16 * x.size, temp  # the key and a few O(n) buffers
 
 
+@pytest.mark.parametrize("paired", [False, True])
+@pytest.mark.parametrize("with_valid", [False, True])
+def test_search_writes_only_keys_and_mask_outside_its_loops(paired, with_valid):
+    """Outside the search's loops and conds, the compiled selection writes one
+    key array and the mask per leaf, nothing else the leaf's size: the
+    positions that break ties and the tie masks of a rare pile are built
+    where they are used (each was one more pass over every score)."""
+    x = jnp.zeros((1000, 1000), jnp.float32)
+    v = jnp.ones(x.shape, bool)
+
+    def select(s, v):
+        valid = [[v]] if with_valid else None
+        return prune_lowest([[s]], [num_pruned(0.9, s.size)], valid, paired=paired)
+
+    text = jax.jit(select).lower(x, v).compile().as_text()
+    entry = text[text.index("ENTRY") :]
+    written = [
+        line
+        for line in entry.splitlines()
+        if re.search(r"= \w+\[1000,1000\]", line)
+        and "parameter(" not in line
+        and "get-tuple-element(" not in line
+    ]
+    assert len(written) == 2, written
+
+
 def test_include_predicate_and_regex():
     params = make_tree("linen")
     scores = js.saliency.magnitude(params)
