@@ -797,6 +797,7 @@ def _prune_lowest(groups, counts, valid, *, paired):
             [_flat_index(s.shape, int(o)) for s, o in zip(g, offs)]
             for g, offs in zip(groups, offsets)
         ]
+
     need = [k - c for k, c in zip(ks, c_lo)]
     gathered = [
         ~h & (b - a <= w) if w else jnp.zeros((), bool)
