@@ -235,16 +235,34 @@ _COLUMNS = 128
 _PAIRS_FROM = 2**22
 
 
+@functools.cache
+def _count_rows(size: int) -> int:
+    """How many rows :func:`_count` folds ``size`` entries into: 128 where
+    it divides the size, else its largest divisor from 32 to 255, else 128
+    with a remainder counted apart."""
+    if size % _COLUMNS:
+        for rows in range(255, 31, -1):
+            if size % rows == 0:
+                return rows
+    return _COLUMNS
+
+
 def _count(pred: jax.Array) -> jax.Array:
     """The number of True entries, as int32.
 
-    Counted in uint8 down columns of 128 first: XLA's CPU backend vectorizes
-    a same-type column sum but not a widening one, which is 5x slower; the
-    partial counts cannot overflow (at most 128 each).
+    Counted in uint8 down the columns of ``(rows, size // rows)`` first:
+    XLA's CPU backend vectorizes a same-type column sum but not a widening
+    one, which is 5x slower; the partial counts cannot overflow (at most 255
+    each). Rows that divide the size leave no remainder to slice off and
+    count apart, which costs a sixth of the pass on a 784x300 leaf.
     """
     if _sharded(pred):  # each device sums its shard; no reshape to resolve
         return jnp.sum(pred, dtype=jnp.int32)
     flat = pred.reshape(-1)
+    rows = _count_rows(flat.size)
+    if flat.size % rows == 0 and rows != _COLUMNS:
+        columns = flat.reshape(rows, -1).astype(jnp.uint8)
+        return jnp.sum(jnp.sum(columns, axis=0, dtype=jnp.uint8), dtype=jnp.int32)
     main = flat.size // _COLUMNS * _COLUMNS
     if main == 0:
         return jnp.sum(flat, dtype=jnp.int32)

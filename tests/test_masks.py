@@ -245,7 +245,7 @@ def _selects_as_bisection_reference(kind, shape, paired):
 
 
 @pytest.mark.parametrize("kind", SCORE_KINDS)
-@pytest.mark.parametrize("shape", [(1,), (7,), (128,), (50, 41), (3000, 7)])
+@pytest.mark.parametrize("shape", [(1,), (7,), (128,), (1031,), (50, 41), (3000, 7)])
 def test_search_selects_as_bisection_reference(kind, shape):
     """Both ends of the search (a count hit, a tie straddling the threshold
     broken by position) against one key bit per pass, for counts from none
