@@ -414,12 +414,14 @@ def _search(count, ks, hi, c_hi, guesses, udt, float_dtype, stop_widths):
 
     ``count`` maps two thresholds per group to the numbers of entries below
     each, in one pass; it is monotone, ``count(0) == 0`` and
-    ``count(hi) == c_hi``. Each step probes about two standard deviations
-    either side of where interpolating between the bracket's counts puts
-    the k-th entry, so on smooth data a bracket of w entries becomes one of
-    about 4 sqrt(w). A step that fails to halve the bracket's count makes
-    the next one cut its keys in thirds, so a bracket of 2**b keys closes in
-    at most about 2b steps whatever the data. Guesses
+    ``count(hi) == c_hi``. Its second argument says per group whether the
+    search still needs that group's counts (others may be anything). Each
+    step probes about two standard deviations either side of where
+    interpolating between the bracket's counts puts the k-th entry, so on
+    smooth data a bracket of w entries becomes one of about 4 sqrt(w). A
+    step that fails to halve the bracket's count makes the next one cut its
+    keys in thirds, so a bracket of 2**b keys closes in at most about 2b
+    steps whatever the data. Guesses
     ``(step, slot, key)`` replace that step's lower (slot 0) or upper probe
     when inside the bracket.
 
@@ -475,19 +477,22 @@ def _search(count, ks, hi, c_hi, guesses, udt, float_dtype, stop_widths):
                 else:
                     t2 = jnp.where(inside, key, t2)
             probes.append((jnp.minimum(t1, t2), jnp.maximum(t1, t2)))
-        counts = count(probes)
+        live = [
+            ~hit[g] & (hi[g] - lo[g] > one) & (c_hi[g] - c_lo[g] > stop_widths[g])
+            for g in groups
+        ]
+        counts = count(probes, live)
         new = [[] for _ in range(8)]
         for g in groups:
-            (t1, t2), (c1, c2) = probes[g], counts[g]
-            live = ~hit[g] & (hi[g] - lo[g] > one)
+            (t1, t2), (c1, c2), live_g = probes[g], counts[g], live[g]
             # c1 <= c2: the bracket's new ends are the tightest probes.
-            up1, up2 = live & (c1 < ks[g]), live & (c2 < ks[g])
-            down1, down2 = live & (c1 > ks[g]), live & (c2 > ks[g])
+            up1, up2 = live_g & (c1 < ks[g]), live_g & (c2 < ks[g])
+            down1, down2 = live_g & (c1 > ks[g]), live_g & (c2 > ks[g])
             nlo = jnp.where(up2, t2, jnp.where(up1, t1, lo[g]))
             nc_lo = jnp.where(up2, c2, jnp.where(up1, c1, c_lo[g]))
             nhi = jnp.where(down1, t1, jnp.where(down2, t2, hi[g]))
             nc_hi = jnp.where(down1, c1, jnp.where(down2, c2, c_hi[g]))
-            found1, found2 = live & (c1 == ks[g]), live & (c2 == ks[g])
+            found1, found2 = live_g & (c1 == ks[g]), live_g & (c2 == ks[g])
             new[0].append(nlo)
             new[1].append(nhi)
             new[2].append(nc_lo)
@@ -547,7 +552,9 @@ def _search_by_one(count, ks, hi, c_hi, guesses, udt, float_dtype):
     entry), the key ``lo`` with ``count(lo) < k < count(lo + 1)``.
 
     ``count`` maps one threshold per group to the number of entries below
-    each; it is monotone, ``count(0) == 0`` and ``count(hi) == c_hi``. Each
+    each; it is monotone, ``count(0) == 0`` and ``count(hi) == c_hi``. Its
+    second argument says per group whether the search still needs that
+    group's count (others may be anything). Each
     step probes inside the bracket by interpolating between its counts, which
     on smooth data takes a handful of passes; a probe that fails to halve the
     bracket's count makes the next one a bisection of its keys, so a bracket
@@ -597,15 +604,15 @@ def _search_by_one(count, ks, hi, c_hi, guesses, udt, float_dtype):
             for at, key in guesses[g]:
                 t = jnp.where((i == at) & (lo[g] < key) & (key < hi[g]), key, t)
             probes.append(t)
-        counts = count(probes)
+        live = [~hit[g] & (hi[g] - lo[g] > one) for g in groups]
+        counts = count(probes, live)
         new = [[] for _ in range(7)]
         for g in groups:
             t, c = probes[g], counts[g]
-            live = ~hit[g] & (hi[g] - lo[g] > one)
-            below, above = live & (c < ks[g]), live & (c > ks[g])
+            below, above = live[g] & (c < ks[g]), live[g] & (c > ks[g])
             nlo, nc_lo = jnp.where(below, t, lo[g]), jnp.where(below, c, c_lo[g])
             nhi, nc_hi = jnp.where(above, t, hi[g]), jnp.where(above, c, c_hi[g])
-            found = live & (c == ks[g])
+            found = live[g] & (c == ks[g])
             new[0].append(nlo)
             new[1].append(nhi)
             new[2].append(nc_lo)
@@ -760,25 +767,34 @@ def _prune_lowest(groups, counts, valid, *, paired):
     def masked(x, v):
         return x if v is None else x & v
 
-    def below(ts):
-        return [
-            sum(_count(masked(k < t, v)) for k, v in zip(keys[g], valid[g]))
-            for g, t in enumerate(ts)
-        ]
+    def live_groups_only(count_group, zero):
+        # A search loops until its last group ends; the groups that ended
+        # earlier are not counted again (a cond costs far less than a pass,
+        # whose fixed cost alone is a few microseconds on a small leaf).
+        def count(ts, live):
+            if len(groups) == 1:
+                return [count_group(0, ts[0])]
+            return [
+                lax.cond(on, functools.partial(count_group, g, t), lambda: zero)
+                for g, (t, on) in enumerate(zip(ts, live))
+            ]
 
-    def below_pairs(ts):
-        return [
-            tuple(
-                sum(c)
-                for c in zip(
-                    *(
-                        _count_pair(masked(k < t1, v), masked(k < t2, v))
-                        for k, v in zip(keys[g], valid[g])
-                    )
-                )
-            )
-            for g, (t1, t2) in enumerate(ts)
-        ]
+        return count
+
+    def below_group(g, t):
+        return sum(_count(masked(k < t, v)) for k, v in zip(keys[g], valid[g]))
+
+    def below_pair_group(g, ts):
+        t1, t2 = ts
+        pairs = (
+            _count_pair(masked(k < t1, v), masked(k < t2, v))
+            for k, v in zip(keys[g], valid[g])
+        )
+        return tuple(sum(c) for c in zip(*pairs))
+
+    zero = jnp.zeros((), jnp.int32)
+    below = live_groups_only(below_group, zero)
+    below_pairs = live_groups_only(below_pair_group, (zero, zero))
 
     top = _largest(udt)
     fdt = jnp.dtype(jnp.float64 if udt.itemsize == 8 else jnp.float32)

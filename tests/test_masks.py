@@ -313,6 +313,39 @@ def test_search_writes_only_keys_and_mask_outside_its_loops(paired, with_valid):
     assert len(written) == 2, written
 
 
+def _whiles(jaxpr):
+    """The ``while`` equations of ``jaxpr`` and of every jaxpr inside it."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "while":
+            yield eqn
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _whiles(inner)
+
+
+@pytest.mark.parametrize("paired", [False, True])
+def test_search_counts_only_the_groups_still_searching(paired):
+    """Several groups search in one loop until the last threshold is found;
+    each group's count is under a cond on whether that group still searches,
+    so groups found early are not counted again. One group needs no cond."""
+    leaves = [jnp.ones((50, 41)), jnp.ones((30, 7)), jnp.ones((9, 9))]
+
+    def loop_conds(groups):
+        counts = [num_pruned(0.5, sum(x.size for x in g)) for g in groups]
+        jaxpr = jax.make_jaxpr(lambda gs: prune_lowest(gs, counts, paired=paired))(
+            groups
+        ).jaxpr
+        (search, *_) = _whiles(jaxpr)
+        return [e.primitive.name for e in search.params["body_jaxpr"].jaxpr.eqns].count(
+            "cond"
+        )
+
+    assert loop_conds([[x] for x in leaves]) == len(leaves)
+    assert loop_conds([leaves]) == 0
+
+
 def test_include_predicate_and_regex():
     params = make_tree("linen")
     scores = js.saliency.magnitude(params)
