@@ -347,38 +347,47 @@ def _sample(keys, valid, want: int) -> tuple[jax.Array, jax.Array, bool]:
     return sample, ok, sum(p.size for p in pos) == sum(sizes)
 
 
-def _sample_guesses(keys, valid, k, n_valid) -> list[tuple[int, int, jax.Array]]:
-    """Probes ``(step, slot, key)`` from a sample. The first step's pair
-    brackets the k-th lowest key but for odds of 1 in 400: the sampled key
-    three standard deviations of the estimate below it, and the key just
-    above the one as far above it (so a value shared by many entries, such
-    as the zeros of pruned weights, ends up inside the bracket as a whole).
-    The second step's pairs, five and eight deviations out, are the ones
-    inside the bracket when the first pair fell on one side."""
-    sizes = [int(np.prod(x.shape)) for x in keys]
-    want = min(max(4 * int(np.sqrt(sum(sizes))), _MIN_SAMPLE), _MAX_SAMPLE)
+def _sample_bounds(keys, valid, k, n_valid, want: int):
+    """Functions of a number of standard deviations of the estimate, giving
+    the sampled key that many below the k-th lowest, and the key just above
+    the one that many above it (so a value shared by many entries, such as
+    the zeros of pruned weights, ends up between the two as a whole)."""
     sample, ok, whole = _sample(keys, valid, want)
+    # Sorted, not ranked by comparing every pair: XLA's CPU runtime pays on
+    # every call for each reduction a program holds, run or not, and an
+    # unsigned sort's comparator is one compare.
     ordered = jnp.sort(jnp.where(ok, sample, _largest(sample.dtype)))
-    m = jnp.sum(ok, dtype=jnp.int32).astype(jnp.float32)
+    if all(v is None for v in valid):
+        m = float(sample.size)
+    else:
+        m = jnp.sum(ok, dtype=jnp.int32).astype(jnp.float32)
     f = k.astype(jnp.float32) / jnp.maximum(n_valid, 1).astype(jnp.float32)
     r = f * m
     # A sample of the whole group gives the k-th key itself.
     sigma = 0.0 if whole else jnp.sqrt(r * (1.0 - f)) + 0.5
     last = jnp.maximum(m - 1.0, 0.0)
 
+    def at(x):
+        return ordered[jnp.clip(jnp.floor(x), 0.0, last).astype(jnp.int32)]
+
     def below(deviations):
-        return ordered[
-            jnp.clip(jnp.floor(r - deviations * sigma), 0.0, last).astype(jnp.int32)
-        ]
+        return at(r - deviations * sigma)
 
     def above(deviations):
-        return (
-            ordered[
-                jnp.clip(jnp.floor(r + deviations * sigma), 0.0, last).astype(jnp.int32)
-            ]
-            + 1
-        )
+        return at(r + deviations * sigma) + 1
 
+    return below, above
+
+
+def _sample_guesses(keys, valid, k, n_valid) -> list[tuple[int, int, jax.Array]]:
+    """Probes ``(step, slot, key)`` from a sample of about ``4 sqrt(n)``. The
+    first step's pair, three standard deviations of the estimate either side
+    of the k-th lowest key, brackets it but for odds of 1 in 400. The second
+    step's pairs, five and eight deviations out, are the ones inside the
+    bracket when the first pair fell on one side."""
+    sizes = [int(np.prod(x.shape)) for x in keys]
+    want = min(max(4 * int(np.sqrt(sum(sizes))), _MIN_SAMPLE), _MAX_SAMPLE)
+    below, above = _sample_bounds(keys, valid, k, n_valid, want)
     return [
         (0, 0, below(3.0)),
         (0, 1, above(3.0)),
@@ -519,30 +528,10 @@ def _search(count, ks, hi, c_hi, guesses, udt, float_dtype, stop_widths):
 
 
 def _sample_pair(keys, valid, k, n_valid) -> tuple[jax.Array, jax.Array]:
-    """Two probes from a sample that bracket the k-th lowest key with high
-    probability: the sampled key about two standard deviations of the
-    estimate below it, and the key just above the one as far above it (so a
-    value shared by many entries, such as the zeros of pruned weights, ends
-    up inside the bracket as a whole)."""
-    sample, ok, whole = _sample(keys, valid, _MIN_SAMPLE)
-    # Each sampled key's rank among the valid sample, ties by position.
-    index = jnp.arange(sample.size)
-    earlier = (sample[None, :] < sample[:, None]) | (
-        (sample[None, :] == sample[:, None]) & (index[None, :] < index[:, None])
-    )
-    rank = jnp.sum(earlier & ok[None, :], axis=1, dtype=jnp.int32)
-    m = jnp.sum(ok, dtype=jnp.int32).astype(jnp.float32)
-    f = k.astype(jnp.float32) / jnp.maximum(n_valid, 1).astype(jnp.float32)
-    r = f * m
-    # A sample of the whole group gives the k-th key itself.
-    spread = 0.0 if whole else 2.0 * jnp.sqrt(r * (1.0 - f)) + 1.0
-    last = jnp.maximum(m - 1.0, 0.0)
-
-    def at_rank(x):
-        j = jnp.clip(jnp.floor(x), 0.0, last).astype(jnp.int32)
-        return jnp.max(jnp.where(ok & (rank == j), sample, 0).astype(sample.dtype))
-
-    return at_rank(r - spread), at_rank(r + spread) + 1
+    """Two probes from a sample of 256 that bracket the k-th lowest key with
+    high probability: two standard deviations of the estimate either side."""
+    below, above = _sample_bounds(keys, valid, k, n_valid, _MIN_SAMPLE)
+    return below(2.0), above(2.0)
 
 
 def _search_by_one(count, ks, hi, c_hi, guesses, udt, float_dtype):
