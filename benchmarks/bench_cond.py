@@ -3,9 +3,11 @@
 A jitted function doubles a 784x300 array; the variants add a
 ``lax.cond`` whose branch (never taken here) holds 200 small operations
 of one kind, and the same 200 operations run unconditionally. On XLA's
-CPU runtime every operation compiled into the branch costs time on every
-call even though the branch does not run: this is what RigL's ordinary
-step pays for its drop-and-grow branch (``benchmarks/RESULTS.md``).
+CPU runtime the branch costs time on every call although it does not
+run, in step with the buffer allocations it compiles to rather than with
+its work: a reduction's combiner adds three, a float sort's comparator
+about twenty, an unsigned sort's three, a dot none. This is what RigL's
+ordinary step pays for its drop-and-grow branch (``benchmarks/RESULTS.md``).
 
 Run: python benchmarks/bench_cond.py [--repeats N]
 """
@@ -21,12 +23,16 @@ from bench_masks import interleaved
 from jax import lax
 
 N_OPS = 200
+KINDS = ("sort", "unsigned sort", "dot", "reduce", "while")
 
 
 def _chain(kind, acc, i):
     scale = 1.0 + i * 1e-3
-    if kind == "sort":  # one sort thunk each
+    if kind == "sort":  # one sort thunk each, a float comparator
         return jnp.sort(acc * scale, axis=0)
+    if kind == "unsigned sort":  # the same thunks, a one-compare comparator
+        keys = lax.bitcast_convert_type(acc, jnp.uint32) ^ jnp.uint32(i)
+        return lax.bitcast_convert_type(jnp.sort(keys, axis=0), jnp.float32)
     if kind == "dot":
         return jnp.tanh(acc @ acc.T * scale)
     if kind == "reduce":  # a reduction and an elementwise fusion each
@@ -62,18 +68,18 @@ def main() -> None:
     w = jax.random.normal(jax.random.key(0), (784, 300))
     flag = jnp.asarray(False)
     fns = {"no cond": lambda f=_variant("", "none"): f(w, flag)}
-    for kind in ("sort", "dot", "reduce", "while"):
+    for kind in KINDS:
         for mode in ("cond", "run"):
             fns[f"{kind} {mode}"] = lambda f=_variant(kind, mode): f(w, flag)
     med = interleaved(fns, args.repeats)
     base = med["no cond"]
     print(f"median of {args.repeats}; {N_OPS} operations in the branch:")
     print(f"  {'no cond':<14} {base * 1e3:8.1f} us")
-    for kind in ("sort", "dot", "reduce", "while"):
+    for kind in KINDS:
         untaken, run = med[f"{kind} cond"], med[f"{kind} run"]
         per_op = (untaken - base) * 1e3 / N_OPS
         print(
-            f"  {kind:<8} untaken branch {untaken * 1e3:8.1f} us "
+            f"  {kind:<13} untaken branch {untaken * 1e3:8.1f} us "
             f"({per_op:5.2f} us per op), run {run * 1e3:8.1f} us"
         )
 
