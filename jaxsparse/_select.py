@@ -260,24 +260,22 @@ def _count(pred: jax.Array) -> jax.Array:
         return jnp.sum(pred, dtype=jnp.int32)
     flat = pred.reshape(-1)
     rows = _count_rows(flat.size)
-    if flat.size % rows == 0 and rows != _COLUMNS:
-        columns = flat.reshape(rows, -1).astype(jnp.uint8)
-        return jnp.sum(jnp.sum(columns, axis=0, dtype=jnp.uint8), dtype=jnp.int32)
-    main = flat.size // _COLUMNS * _COLUMNS
+    main = flat.size // rows * rows
     if main == 0:
         return jnp.sum(flat, dtype=jnp.int32)
-    total = jnp.sum(_column_counts(flat), dtype=jnp.int32)
+    total = jnp.sum(_column_counts(flat, rows), dtype=jnp.int32)
     if main < flat.size:
         total = total + jnp.sum(flat[main:], dtype=jnp.int32)
     return total
 
 
-def _column_counts(flat: jax.Array) -> jax.Array:
+def _column_counts(flat: jax.Array, rows: int = _COLUMNS) -> jax.Array:
     """True entries per column of the whole columns of ``flat`` viewed as
-    ``(128, size // 128)``, as uint8."""
-    main = flat.size // _COLUMNS * _COLUMNS
-    rows = flat[:main].reshape(_COLUMNS, -1).astype(jnp.uint8)
-    return jnp.sum(rows, axis=0, dtype=jnp.uint8)
+    ``(rows, size // rows)``, as uint8 (``rows`` at most 255)."""
+    main = flat.size // rows * rows
+    return jnp.sum(
+        flat[:main].reshape(rows, -1).astype(jnp.uint8), axis=0, dtype=jnp.uint8
+    )
 
 
 def _count_pair(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
