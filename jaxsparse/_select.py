@@ -16,6 +16,7 @@ key bit, is the reference it is tested against.
 from __future__ import annotations
 
 import functools
+import operator
 from collections.abc import Sequence
 
 import jax
@@ -459,6 +460,12 @@ def _search(count, ks, hi, c_hi, guesses, udt, float_dtype, stop_widths):
         )
         return lo + jnp.clip(offset, one, span - one)
 
+    def searching(lo, hi, c_lo, c_hi, hit):
+        return [
+            ~h & (b - a > one) & (d - c > w)
+            for a, b, c, d, h, w in zip(lo, hi, c_lo, c_hi, hit, stop_widths)
+        ]
+
     def step(state):
         i, lo, hi, c_lo, c_hi, hit, t_hit, thirds, missed = state
         probes = []
@@ -484,10 +491,7 @@ def _search(count, ks, hi, c_hi, guesses, udt, float_dtype, stop_widths):
                 else:
                     t2 = jnp.where(inside, key, t2)
             probes.append((jnp.minimum(t1, t2), jnp.maximum(t1, t2)))
-        live = [
-            ~hit[g] & (hi[g] - lo[g] > one) & (c_hi[g] - c_lo[g] > stop_widths[g])
-            for g in groups
-        ]
+        live = searching(lo, hi, c_lo, c_hi, hit)
         counts = count(probes, live)
         new = [[] for _ in range(8)]
         for g in groups:
@@ -514,11 +518,7 @@ def _search(count, ks, hi, c_hi, guesses, udt, float_dtype, stop_widths):
 
     def unfinished(state):
         _, lo, hi, c_lo, c_hi, hit, _, _, _ = state
-        done = [
-            h | (b - a == one) | (d - c <= w)
-            for a, b, c, d, h, w in zip(lo, hi, c_lo, c_hi, hit, stop_widths)
-        ]
-        return ~jnp.all(jnp.stack(done))
+        return functools.reduce(operator.or_, searching(lo, hi, c_lo, c_hi, hit))
 
     state = _start(ks, hi, c_hi, udt, flags=2)
     _, lo, hi, c_lo, c_hi, hit, t_hit, *_ = lax.while_loop(unfinished, step, state)
@@ -564,6 +564,9 @@ def _search_by_one(count, ks, hi, c_hi, guesses, udt, float_dtype):
     top = float(np.nextafter(np.asarray(2.0 ** (8 * udt.itemsize), fdt), 0))
     one = jnp.ones((), udt)
 
+    def searching(lo, hi, hit):
+        return [~h & (b - a > one) for a, b, h in zip(lo, hi, hit)]
+
     def step(state):
         i, lo, hi, c_lo, c_hi, hit, t_hit, bisect = state
         probes = []
@@ -591,7 +594,7 @@ def _search_by_one(count, ks, hi, c_hi, guesses, udt, float_dtype):
             for at, key in guesses[g]:
                 t = jnp.where((i == at) & (lo[g] < key) & (key < hi[g]), key, t)
             probes.append(t)
-        live = [~hit[g] & (hi[g] - lo[g] > one) for g in groups]
+        live = searching(lo, hi, hit)
         counts = count(probes, live)
         new = [[] for _ in range(7)]
         for g in groups:
@@ -615,7 +618,7 @@ def _search_by_one(count, ks, hi, c_hi, guesses, udt, float_dtype):
 
     def unfinished(state):
         _, lo, hi, _, _, hit, _, _ = state
-        return ~jnp.all(jnp.stack([h | (b - a == one) for a, b, h in zip(lo, hi, hit)]))
+        return functools.reduce(operator.or_, searching(lo, hi, hit))
 
     state = _start(ks, hi, c_hi, udt, flags=1)
     _, lo, _, c_lo, _, hit, t_hit, _ = lax.while_loop(unfinished, step, state)
