@@ -228,76 +228,80 @@ def _position_cuts(ties, positions, need, size: int, count_true) -> tuple:
 # so any positions give the same result, and fixed ones keep it jittable.
 # About 4 sqrt(n) of them puts the bracket around 1 % of 10^8 scores.
 _MIN_SAMPLE, _MAX_SAMPLE = 256, 65536
-_COLUMNS = 128
 # Selections whose groups all hold fewer entries than this probe once per
 # pass, with a sample of 256 and no finish: their keys stay in cache, where a
 # pass costs less than the paired search's sample sort and finish (which
 # also compile to twice the code); beyond it a pass reads memory.
 _PAIRS_FROM = 2**22
+# The most rows a count sums down its columns. XLA's CPU backend fuses a
+# compare into a column sum of up to 32 rows; a longer sum it splits in two,
+# writing the compare's result out in between, which made a pass 1.5x as
+# costly in cache and 3x from memory.
+_ROWS = 32
+# The most rows of a pair count, whose column sums share a byte.
+_PAIR_ROWS = 15
 
 
 @functools.cache
-def _count_rows(size: int) -> int:
-    """How many rows :func:`_count` folds ``size`` entries into: 128 where
-    it divides the size, else its largest divisor from 32 to 255, else 128
-    with a remainder counted apart."""
-    if size % _COLUMNS:
-        for rows in range(255, 31, -1):
+def _count_rows(size: int, most: int = _ROWS) -> int:
+    """How many rows the counts view ``size`` entries as: ``most`` where it
+    divides the size, else its largest divisor from half of ``most``, else
+    ``most`` with a remainder counted apart."""
+    if size % most:
+        for rows in range(most - 1, most // 2 - 1, -1):
             if size % rows == 0:
                 return rows
-    return _COLUMNS
+    return most
+
+
+def _column_sums(
+    flat: jax.Array, dtype, most: int = _ROWS
+) -> tuple[jax.Array, jax.Array]:
+    """Sums in ``dtype`` down the columns of the whole columns of ``flat``
+    viewed as ``(rows, size // rows)``, and the entries left over."""
+    rows = _count_rows(flat.size, most)
+    main = flat.size // rows * rows
+    columns = flat[:main].reshape(rows, -1).astype(dtype)
+    return jnp.sum(columns, axis=0, dtype=dtype), flat[main:]
+
+
+def _total(x: jax.Array) -> jax.Array:
+    """The sum of a 1-D array as int32."""
+    return jnp.sum(x, dtype=jnp.int32)
 
 
 def _count(pred: jax.Array) -> jax.Array:
     """The number of True entries, as int32.
 
-    Counted in uint8 down the columns of ``(rows, size // rows)`` first:
-    XLA's CPU backend vectorizes a same-type column sum but not a widening
-    one, which is 5x slower; the partial counts cannot overflow (at most 255
-    each). Rows that divide the size leave no remainder to slice off and
-    count apart, which costs a sixth of the pass on a 784x300 leaf.
+    Counted in uint8 down columns of at most 32 rows first: XLA's CPU
+    backend vectorizes a same-type column sum but not a widening one, which
+    is 5x slower, and the partial counts cannot overflow. (Summing those
+    counts the same way fuses into the first sum, on a 784x300 leaf at
+    twice the cost of the widening sum it saves.)
     """
     if _sharded(pred):  # each device sums its shard; no reshape to resolve
-        return jnp.sum(pred, dtype=jnp.int32)
+        return _total(pred)
     flat = pred.reshape(-1)
-    rows = _count_rows(flat.size)
-    main = flat.size // rows * rows
-    if main == 0:
-        return jnp.sum(flat, dtype=jnp.int32)
-    total = jnp.sum(_column_counts(flat, rows), dtype=jnp.int32)
-    if main < flat.size:
-        total = total + jnp.sum(flat[main:], dtype=jnp.int32)
-    return total
-
-
-def _column_counts(flat: jax.Array, rows: int = _COLUMNS) -> jax.Array:
-    """True entries per column of the whole columns of ``flat`` viewed as
-    ``(rows, size // rows)``, as uint8 (``rows`` at most 255)."""
-    main = flat.size // rows * rows
-    return jnp.sum(
-        flat[:main].reshape(rows, -1).astype(jnp.uint8), axis=0, dtype=jnp.uint8
-    )
+    if flat.size < _ROWS:
+        return _total(flat)
+    columns, rest = _column_sums(flat, jnp.uint8)
+    total = _total(rest) if rest.size else 0
+    return total + _total(columns)
 
 
 def _count_pair(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``_count(a), _count(b)`` in one pass: the two predicates are packed
-    into the bytes of a uint16 whose column sums cannot carry (at most 128
-    per byte), which costs about a fifth more than one count where two
-    separate reductions cost 1.5x to 5x."""
-    if _sharded(a):
-        return jnp.sum(a, dtype=jnp.int32), jnp.sum(b, dtype=jnp.int32)
+    into the two halves of a byte, whose column sums over at most 15 rows
+    cannot carry. From memory that costs what one count does, half as much
+    as two; in cache, as much as two (its column sums are twice as many)."""
+    if _sharded(a) or a.size < _PAIR_ROWS:
+        return _total(a), _total(b)
     a, b = a.reshape(-1), b.reshape(-1)
-    main = a.size // _COLUMNS * _COLUMNS
-    if main == 0:
-        return jnp.sum(a, dtype=jnp.int32), jnp.sum(b, dtype=jnp.int32)
-    packed = a[:main].astype(jnp.uint16) | (b[:main].astype(jnp.uint16) << 8)
-    columns = jnp.sum(packed.reshape(_COLUMNS, -1), axis=0, dtype=jnp.uint16)
-    count_a = jnp.sum(columns & 255, dtype=jnp.int32)
-    count_b = jnp.sum(columns >> 8, dtype=jnp.int32)
-    if main < a.size:
-        count_a = count_a + jnp.sum(a[main:], dtype=jnp.int32)
-        count_b = count_b + jnp.sum(b[main:], dtype=jnp.int32)
-    return count_a, count_b
+    packed = a.astype(jnp.uint8) | (b.astype(jnp.uint8) << 4)
+    columns, rest = _column_sums(packed, jnp.uint8, _PAIR_ROWS)
+    count_a = _total(rest & 15) if rest.size else 0
+    count_b = _total(rest >> 4) if rest.size else 0
+    return count_a + _total(columns & 15), count_b + _total(columns >> 4)
 
 
 def _sample_positions(sizes: Sequence[int], want: int) -> list[np.ndarray]:
@@ -627,8 +631,8 @@ def _search_by_one(count, ks, hi, c_hi, guesses, udt, float_dtype):
 
 def _bracket_width(size: int) -> int:
     """How many entries a bracket may hold for :func:`_finish` to take over:
-    it gathers as many columns of 128, which stays a small part of a pass
-    over ``size`` scores."""
+    it gathers as many columns of up to 32, which stays a small part of a
+    pass over ``size`` scores."""
     return min(max(size // 1024, 16), 4096)
 
 
@@ -638,25 +642,26 @@ def _finish(keys, valid, offsets, lo, hi, need, width: int):
     ``tied`` the entries keyed ``tie`` at positions from ``cut`` on, are
     the bracket's ``need`` lowest (ties broken as the reference does).
 
-    One pass counts the bracket's entries per column; the columns holding
-    any (at most ``width``) are gathered by the largest counts, with each
-    leaf's last ``size % 128`` entries, and the bracket's entries among them
-    sorted.
+    One pass counts the bracket's entries per column (as :func:`_count`
+    views each leaf); the columns holding any (at most ``width``) are
+    gathered by the largest counts, with the entries each leaf has left
+    over, and the bracket's entries among them sorted.
     """
     columns, cand_keys, cand_pos, cand_in = [], [], [], []
     for x, v, o in zip(keys, valid, offsets):
         inside = (lo <= x) & (x < hi)
         inside = inside if v is None else inside & v
         flat = inside.reshape(-1)
-        main = flat.size // _COLUMNS * _COLUMNS
+        counts, rest = _column_sums(flat, jnp.uint8)
+        main = flat.size - rest.size
         if main:
-            columns.append(_column_counts(flat))
-        if main < flat.size:
+            columns.append(counts)
+        if rest.size:
             cand_keys.append(x.reshape(-1)[main:])
             cand_pos.append(
                 jnp.arange(int(o) + main, int(o) + flat.size, dtype=jnp.uint32)
             )
-            cand_in.append(flat[main:])
+            cand_in.append(rest)
     n_columns = sum(c.size for c in columns)
     if n_columns:
         counts = jnp.concatenate(columns).astype(jnp.float32)
@@ -665,19 +670,20 @@ def _finish(keys, valid, offsets, lo, hi, need, width: int):
         chosen = lax.top_k(counts, min(width, n_columns))[1]
         start = 0
         for x, v, o in zip(keys, valid, offsets):
-            n = x.size // _COLUMNS
+            rows = _count_rows(x.size)
+            n = x.size // rows
             if n == 0:
                 continue
             local = jnp.clip(chosen - start, 0, n - 1)
             mine = (chosen >= start) & (chosen < start + n)
             start += n
 
-            def gather(a, n=n, local=local):
-                return a.reshape(-1)[: n * _COLUMNS].reshape(_COLUMNS, n)[:, local]
+            def gather(a, n=n, rows=rows, local=local):
+                return a.reshape(-1)[: n * rows].reshape(rows, n)[:, local]
 
             k = gather(x)
-            rows = jnp.arange(_COLUMNS, dtype=jnp.uint32)[:, None] * n
-            q = jnp.uint32(o) + rows + local.astype(jnp.uint32)[None, :]
+            row_starts = jnp.arange(rows, dtype=jnp.uint32)[:, None] * n
+            q = jnp.uint32(o) + row_starts + local.astype(jnp.uint32)[None, :]
             inside = mine[None, :] & (lo <= k) & (k < hi)
             if v is not None:
                 inside = inside & gather(v)

@@ -254,7 +254,7 @@ def test_search_selects_as_bisection_reference(kind, shape):
 
 
 @pytest.mark.parametrize("kind", SCORE_KINDS)
-@pytest.mark.parametrize("shape", [(7,), (50, 41), (3000, 7)])
+@pytest.mark.parametrize("shape", [(7,), (1031,), (50, 41), (3000, 7)])
 def test_paired_search_selects_as_bisection_reference(kind, shape):
     """The large selections' search on small ones, so that every end is
     reached: a hit, a bracket of at most 16 entries gathered from columns
@@ -313,6 +313,34 @@ def test_search_writes_only_keys_and_mask_outside_its_loops(paired, with_valid):
         and "get-tuple-element(" not in line
     ]
     assert len(written) == 2, written
+
+
+@pytest.mark.parametrize("paired", [False, True])
+def test_search_passes_write_nothing_the_size_of_the_scores(paired):
+    """Each pass of a search reads the keys once and writes only its counts:
+    the compare is fused into the column sums (over more than 32 rows XLA
+    splits the sum and writes the compare's result out between the two)."""
+    x = jnp.zeros((1000, 1000), jnp.float32)
+    v = jnp.ones(x.shape, bool)
+
+    def select(s, v):
+        return prune_lowest([[s]], [num_pruned(0.9, s.size)], [[v]], paired=paired)
+
+    text = jax.jit(select).lower(x, v).compile().as_text()
+    computations = {
+        m.group(1): block
+        for block in re.split(r"\n(?=\S)", text)
+        if (m := re.match(r"(?:ENTRY )?%?([\w.-]+) ", block))
+    }
+    bodies = re.findall(r"while\(.*?body=%?([\w.-]+)", text)
+    assert bodies
+    for body in bodies:
+        for line in computations[body].splitlines()[1:]:
+            result = re.match(r"\s*(?:ROOT )?%\S+ = (\w+)\[([\d,]*)\]", line)
+            if not result or re.search(r"(parameter|get-tuple-element)\(", line):
+                continue
+            size = int(np.prod([int(d) for d in result.group(2).split(",") if d]))
+            assert size < x.size // 8, line
 
 
 def _whiles(jaxpr):
