@@ -89,12 +89,11 @@ def _flat_index(shape: tuple[int, ...], offset: int) -> jax.Array:
 
 
 def _prepared(groups, counts, valid, count_true):
-    """Keys, key dtype, valid arrays, group sizes, valid counts and clipped
-    counts, as both searches start."""
+    """Float and key dtypes, valid arrays, group sizes, valid counts and
+    clipped counts, as both searches start."""
     wide = any(jnp.dtype(s.dtype).itemsize == 8 for g in groups for s in g)
     fdt = jnp.dtype(jnp.float64 if wide else jnp.float32)
     _, udt = _key_dtypes(fdt)
-    keys = [[order_key(s, fdt) for s in g] for g in groups]
     if valid is None:
         valid = [[None] * len(g) for g in groups]
     sizes = [sum(int(np.prod(s.shape)) for s in g) for g in groups]
@@ -111,7 +110,7 @@ def _prepared(groups, counts, valid, count_true):
         )
         n_valid.append(jnp.asarray(n, jnp.int32))
         ks.append(jnp.clip(jnp.asarray(k, jnp.int32), 0, n))
-    return keys, udt, valid, sizes, n_valid, ks
+    return fdt, udt, valid, sizes, n_valid, ks
 
 
 def prune_lowest_by_bisection(
@@ -136,7 +135,8 @@ def prune_lowest_by_bisection(
     if not all_scores:
         return [[] for _ in groups]
     count_true = functools.partial(jnp.sum, dtype=jnp.int32)
-    keys, udt, valid, sizes, _, ks = _prepared(groups, counts, valid, count_true)
+    fdt, udt, valid, sizes, _, ks = _prepared(groups, counts, valid, count_true)
+    keys = [[order_key(s, fdt) for s in g] for g in groups]
     nbits = 8 * udt.itemsize
 
     def masked(x, v):
@@ -289,19 +289,29 @@ def _count(pred: jax.Array) -> jax.Array:
     return total + _total(columns)
 
 
-def _count_pair(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``_count(a), _count(b)`` in one pass: the two predicates are packed
-    into the two halves of a byte, whose column sums over at most 15 rows
-    cannot carry. From memory that costs what one count does, half as much
-    as two; in cache, as much as two (its column sums are twice as many)."""
+def _count_pair(a: jax.Array, b: jax.Array):
+    """``_count(a), _count(b)`` in one pass, and the column sums they come
+    from (``None`` for sharded arrays and those under 15 entries).
+
+    The two predicates are packed into the two halves of a byte, whose
+    column sums over at most 15 rows cannot carry. From memory that costs
+    what one count does, half as much as two; in cache, as much as two
+    (its column sums are twice as many).
+    """
     if _sharded(a) or a.size < _PAIR_ROWS:
-        return _total(a), _total(b)
+        return _total(a), _total(b), None
     a, b = a.reshape(-1), b.reshape(-1)
     packed = a.astype(jnp.uint8) | (b.astype(jnp.uint8) << 4)
     columns, rest = _column_sums(packed, jnp.uint8, _PAIR_ROWS)
     count_a = _total(rest & 15) if rest.size else 0
     count_b = _total(rest >> 4) if rest.size else 0
-    return count_a + _total(columns & 15), count_b + _total(columns >> 4)
+    # The column sums summed the same way, in the bytes of a uint16 (at most
+    # 16 x 15 each): widening sums of them all cost half the pass.
+    wide = (columns & 15).astype(jnp.uint16) | ((columns >> 4).astype(jnp.uint16) << 8)
+    sums, rest = _column_sums(wide, jnp.uint16, 16)
+    count_a = count_a + _total(sums & 255) + (_total(rest & 255) if rest.size else 0)
+    count_b = count_b + _total(sums >> 8) + (_total(rest >> 8) if rest.size else 0)
+    return count_a, count_b, columns
 
 
 def _sample_positions(sizes: Sequence[int], want: int) -> list[np.ndarray]:
@@ -335,12 +345,12 @@ def _largest(dtype) -> jax.Array:
     return jnp.asarray(np.iinfo(dtype).max, dtype)
 
 
-def _sample(keys, valid, want: int) -> tuple[jax.Array, jax.Array, bool]:
+def _sample(sources, key, valid, want: int) -> tuple[jax.Array, jax.Array, bool]:
     """About ``want`` keys at fixed positions, whether each is valid, and
     whether they are the whole group."""
-    sizes = [int(np.prod(x.shape)) for x in keys]
+    sizes = [int(np.prod(x.shape)) for x in sources]
     pos = _sample_positions(sizes, want)
-    sample = jnp.concatenate([_take(x, p) for x, p in zip(keys, pos)])
+    sample = jnp.concatenate([key(_take(x, p)) for x, p in zip(sources, pos)])
     ok = jnp.concatenate(
         [
             jnp.ones(p.size, bool) if v is None else _take(v, p)
@@ -350,12 +360,12 @@ def _sample(keys, valid, want: int) -> tuple[jax.Array, jax.Array, bool]:
     return sample, ok, sum(p.size for p in pos) == sum(sizes)
 
 
-def _sample_bounds(keys, valid, k, n_valid, want: int):
+def _sample_bounds(sources, key, valid, k, n_valid, want: int):
     """Functions of a number of standard deviations of the estimate, giving
     the sampled key that many below the k-th lowest, and the key just above
     the one that many above it (so a value shared by many entries, such as
     the zeros of pruned weights, ends up between the two as a whole)."""
-    sample, ok, whole = _sample(keys, valid, want)
+    sample, ok, whole = _sample(sources, key, valid, want)
     # Sorted, not ranked by comparing every pair: XLA's CPU runtime pays on
     # every call for each reduction a program holds, run or not, and an
     # unsigned sort's comparator is one compare.
@@ -382,15 +392,17 @@ def _sample_bounds(keys, valid, k, n_valid, want: int):
     return below, above
 
 
-def _sample_guesses(keys, valid, k, n_valid) -> list[tuple[int, int, jax.Array]]:
+def _sample_guesses(
+    sources, key, valid, k, n_valid
+) -> list[tuple[int, int, jax.Array]]:
     """Probes ``(step, slot, key)`` from a sample of about ``4 sqrt(n)``. The
     first step's pair, three standard deviations of the estimate either side
     of the k-th lowest key, brackets it but for odds of 1 in 400. The second
     step's pairs, five and eight deviations out, are the ones inside the
     bracket when the first pair fell on one side."""
-    sizes = [int(np.prod(x.shape)) for x in keys]
+    sizes = [int(np.prod(x.shape)) for x in sources]
     want = min(max(4 * int(np.sqrt(sum(sizes))), _MIN_SAMPLE), _MAX_SAMPLE)
-    below, above = _sample_bounds(keys, valid, k, n_valid, want)
+    below, above = _sample_bounds(sources, key, valid, k, n_valid, want)
     return [
         (0, 0, below(3.0)),
         (0, 1, above(3.0)),
@@ -419,15 +431,19 @@ def _start(ks, hi, c_hi, udt, flags: int) -> tuple:
     )
 
 
-def _search(count, ks, hi, c_hi, guesses, udt, float_dtype, stop_widths):
+def _search(count, ks, hi, c_hi, ends, guesses, udt, float_dtype, stop_widths):
     """Per group, a threshold ``t`` with ``count(t) == k``, or a bracket
     ``lo < hi`` with ``count(lo) < k < count(hi)`` that holds at most
     ``stop_widths[g]`` entries or a single key.
 
     ``count`` maps two thresholds per group to the numbers of entries below
-    each, in one pass; it is monotone, ``count(0) == 0`` and
+    each, in one pass, and to per-column counts packed as
+    :func:`_count_pair` gives them; it is monotone, ``count(0) == 0`` and
     ``count(hi) == c_hi``. Its second argument says per group whether the
-    search still needs that group's counts (others may be anything). Each
+    search still needs that group's counts (others may be anything).
+    ``ends`` are the packed column counts below ``0`` and ``hi``, and follow
+    the bracket's ends, so the entries inside the final bracket are counted
+    per column without another pass. Each
     step probes about two standard deviations either side of where
     interpolating between the bracket's counts puts the k-th entry, so on
     smooth data a bracket of w entries becomes one of about 4 sqrt(w). A
@@ -443,7 +459,7 @@ def _search(count, ks, hi, c_hi, guesses, udt, float_dtype, stop_widths):
     halves at every power of two.
 
     Returns:
-      Lists ``lo, c_lo, hi, c_hi, hit, t`` per group: ``hit`` says
+      Lists ``lo, c_lo, hi, c_hi, hit, t, ends`` per group: ``hit`` says
       ``count(t) == k``.
     """
     groups = range(len(ks))
@@ -471,7 +487,7 @@ def _search(count, ks, hi, c_hi, guesses, udt, float_dtype, stop_widths):
         ]
 
     def step(state):
-        i, lo, hi, c_lo, c_hi, hit, t_hit, thirds, missed = state
+        i, lo, hi, c_lo, c_hi, hit, t_hit, thirds, missed, ends = state
         probes = []
         for g in groups:
             width = jnp.maximum(c_hi[g] - c_lo[g], 1).astype(fdt)
@@ -497,9 +513,9 @@ def _search(count, ks, hi, c_hi, guesses, udt, float_dtype, stop_widths):
             probes.append((jnp.minimum(t1, t2), jnp.maximum(t1, t2)))
         live = searching(lo, hi, c_lo, c_hi, hit)
         counts = count(probes, live)
-        new = [[] for _ in range(8)]
+        new = [[] for _ in range(9)]
         for g in groups:
-            (t1, t2), (c1, c2), live_g = probes[g], counts[g], live[g]
+            (t1, t2), (c1, c2, columns), live_g = probes[g], counts[g], live[g]
             # c1 <= c2: the bracket's new ends are the tightest probes.
             up1, up2 = live_g & (c1 < ks[g]), live_g & (c2 < ks[g])
             down1, down2 = live_g & (c1 > ks[g]), live_g & (c2 > ks[g])
@@ -518,21 +534,50 @@ def _search(count, ks, hi, c_hi, guesses, udt, float_dtype, stop_widths):
                 (i >= 2) & ~thirds[g] & (2 * (nc_hi - nc_lo) > c_hi[g] - c_lo[g])
             )
             new[7].append(up2 | down1)
+            new[8].append(
+                tuple(
+                    _moved_ends(e, c, (up1, up2, down1, down2))
+                    for e, c in zip(ends[g], columns)
+                )
+            )
         return (i + 1, *map(tuple, new))
 
     def unfinished(state):
-        _, lo, hi, c_lo, c_hi, hit, _, _, _ = state
+        _, lo, hi, c_lo, c_hi, hit, *_ = state
         return functools.reduce(operator.or_, searching(lo, hi, c_lo, c_hi, hit))
 
-    state = _start(ks, hi, c_hi, udt, flags=2)
-    _, lo, hi, c_lo, c_hi, hit, t_hit, *_ = lax.while_loop(unfinished, step, state)
-    return list(lo), list(c_lo), list(hi), list(c_hi), list(hit), list(t_hit)
+    state = (*_start(ks, hi, c_hi, udt, flags=2), tuple(ends))
+    _, lo, hi, c_lo, c_hi, hit, t_hit, _, _, ends = lax.while_loop(
+        unfinished, step, state
+    )
+    return (
+        list(lo),
+        list(c_lo),
+        list(hi),
+        list(c_hi),
+        list(hit),
+        list(t_hit),
+        list(ends),
+    )
+
+
+def _moved_ends(ends: jax.Array, columns: jax.Array, moves) -> jax.Array:
+    """Packed column counts below a bracket's ends after a step of
+    :func:`_search`: ``columns`` packs those below its two probes, and
+    ``moves`` say whether the low end moved to the first or the second
+    probe and the high end to the first or the second."""
+    up1, up2, down1, down2 = moves
+    lo, hi = ends & 15, ends >> 4
+    below1, below2 = columns & 15, columns >> 4
+    lo = jnp.where(up2, below2, jnp.where(up1, below1, lo))
+    hi = jnp.where(down1, below1, jnp.where(down2, below2, hi))
+    return lo | (hi << 4)
 
 
 def _sample_pair(keys, valid, k, n_valid) -> tuple[jax.Array, jax.Array]:
     """Two probes from a sample of 256 that bracket the k-th lowest key with
     high probability: two standard deviations of the estimate either side."""
-    below, above = _sample_bounds(keys, valid, k, n_valid, _MIN_SAMPLE)
+    below, above = _sample_bounds(keys, lambda x: x, valid, k, n_valid, _MIN_SAMPLE)
     return below(2.0), above(2.0)
 
 
@@ -631,49 +676,69 @@ def _search_by_one(count, ks, hi, c_hi, guesses, udt, float_dtype):
 
 def _bracket_width(size: int) -> int:
     """How many entries a bracket may hold for :func:`_finish` to take over:
-    it gathers as many columns of up to 32, which stays a small part of a
+    it gathers as many columns of up to 15, which stays a small part of a
     pass over ``size`` scores."""
     return min(max(size // 1024, 16), 4096)
 
 
-def _finish(keys, valid, offsets, lo, hi, need, width: int):
+def _fullest_columns(columns: list[jax.Array], width: int) -> jax.Array:
+    """The indices, into the leaves' column counts laid end to end, of the
+    ``width`` largest (all that are positive when at most ``width`` are).
+
+    Chosen per leaf first and merged: XLA's CPU backend fuses the sums of
+    counts laid end to end into the concatenation, where they run
+    unvectorized (14 ms against 2.5 ms for four 2048x2048 leaves). The
+    float ``top_k`` is a partial sort there; an integer one sorts all.
+    """
+    values, indices, start = [], [], 0
+    for c in columns:
+        v, i = lax.top_k(c.astype(jnp.float32), min(width, c.size))
+        values.append(v)
+        indices.append(i + start)
+        start += c.size
+    if len(columns) == 1:
+        return indices[0]
+    values, indices = jnp.concatenate(values), jnp.concatenate(indices)
+    return indices[lax.top_k(values, min(width, values.size))[1]]
+
+
+def _finish(sources, key, valid, offsets, lo, hi, need, width: int, ends):
     """The exact cut inside a bracket of at most ``width`` valid entries:
     ``(t, tied, tie, cut)`` such that the keys below ``t``, and where
     ``tied`` the entries keyed ``tie`` at positions from ``cut`` on, are
     the bracket's ``need`` lowest (ties broken as the reference does).
 
-    One pass counts the bracket's entries per column (as :func:`_count`
-    views each leaf); the columns holding any (at most ``width``) are
-    gathered by the largest counts, with the entries each leaf has left
-    over, and the bracket's entries among them sorted.
+    ``ends`` hold per leaf (but those under 15 entries) the packed column
+    counts below ``lo`` and ``hi`` that :func:`_search` kept: the columns
+    holding any of the bracket's entries (at most ``width``) are gathered
+    by the largest counts, with the entries each leaf has left over, and
+    the bracket's entries among them sorted.
     """
     columns, cand_keys, cand_pos, cand_in = [], [], [], []
-    for x, v, o in zip(keys, valid, offsets):
-        inside = (lo <= x) & (x < hi)
-        inside = inside if v is None else inside & v
-        flat = inside.reshape(-1)
-        counts, rest = _column_sums(flat, jnp.uint8)
-        main = flat.size - rest.size
-        if main:
-            columns.append(counts)
-        if rest.size:
-            cand_keys.append(x.reshape(-1)[main:])
+    ends = iter(ends)
+    for s, v, o in zip(sources, valid, offsets):
+        flat = s.reshape(-1)
+        main = 0
+        if flat.size >= _PAIR_ROWS:
+            e = next(ends)
+            columns.append((e >> 4) - (e & 15))
+            main = e.size * _count_rows(flat.size, _PAIR_ROWS)
+        if main < flat.size:
+            x = key(flat[main:])
+            inside = (lo <= x) & (x < hi)
+            cand_keys.append(x)
             cand_pos.append(
                 jnp.arange(int(o) + main, int(o) + flat.size, dtype=jnp.uint32)
             )
-            cand_in.append(rest)
-    n_columns = sum(c.size for c in columns)
-    if n_columns:
-        counts = jnp.concatenate(columns).astype(jnp.float32)
-        # The float top_k is a partial sort on XLA's CPU backend; an integer
-        # one would sort everything.
-        chosen = lax.top_k(counts, min(width, n_columns))[1]
+            cand_in.append(inside if v is None else inside & v.reshape(-1)[main:])
+    if columns:
+        chosen = _fullest_columns(columns, width)
         start = 0
-        for x, v, o in zip(keys, valid, offsets):
-            rows = _count_rows(x.size)
-            n = x.size // rows
-            if n == 0:
+        for x, v, o in zip(sources, valid, offsets):
+            if x.size < _PAIR_ROWS:
                 continue
+            rows = _count_rows(x.size, _PAIR_ROWS)
+            n = x.size // rows
             local = jnp.clip(chosen - start, 0, n - 1)
             mine = (chosen >= start) & (chosen < start + n)
             start += n
@@ -681,7 +746,7 @@ def _finish(keys, valid, offsets, lo, hi, need, width: int):
             def gather(a, n=n, rows=rows, local=local):
                 return a.reshape(-1)[: n * rows].reshape(rows, n)[:, local]
 
-            k = gather(x)
+            k = key(gather(x))
             row_starts = jnp.arange(rows, dtype=jnp.uint32)[:, None] * n
             q = jnp.uint32(o) + row_starts + local.astype(jnp.uint32)[None, :]
             inside = mine[None, :] & (lo <= k) & (k < hi)
@@ -726,15 +791,18 @@ def prune_lowest(
     (every group under 2**22 entries, whose keys stay in cache) probe once
     per pass from a sample of 256: 9 to 15 passes on the MLP of
     ``benchmarks/bench_masks.py``, against 20 to 32 for one pass per key
-    bit. Large ones (``paired``) count two probes per pass from a sample of
-    about ``4 sqrt(n)`` and gather the bracket once it holds at most
-    ``n / 1024`` entries (at most 4096): 3 or 4 passes over the keys on
-    10^7 scores, then one to gather and one to write the mask. Ties that
-    straddle the threshold are broken by position as the reference does,
-    by sorting the gathered bracket or, for a tie larger than it, by
-    bisecting on the position. Only the sample and the gathered bracket
-    are sorted, and the extra memory is one key array per leaf. The result
-    is bit for bit that of :func:`prune_lowest_by_bisection`.
+    bit; their keys are written once. Large ones (``paired``) count two
+    probes per pass from a sample of about ``4 sqrt(n)``, computing the keys
+    in each pass (reading memory hides that work, and writing the keys
+    would cost as much as two passes), and once the bracket holds at most
+    ``n / 1024`` entries (at most 4096) gather it from the columns that the
+    passes' column counts say hold it: 3 or 4 passes over the scores of
+    10^8, then one to write the mask. Ties that straddle the threshold are
+    broken by position as the reference does, by sorting the gathered
+    bracket or, for a tie larger than it, by bisecting on the position.
+    Only the sample and the gathered bracket are sorted, and the extra
+    memory is at most one key array per leaf. The result is bit for bit
+    that of :func:`prune_lowest_by_bisection`.
 
     Args:
       groups: score arrays, grouped by shared threshold.
@@ -758,12 +826,43 @@ def prune_lowest(
 
 @functools.partial(jax.jit, static_argnames="paired")
 def _prune_lowest(groups, counts, valid, *, paired):
-    keys, udt, valid, sizes, n_valid, ks = _prepared(groups, counts, valid, _count)
+    fdt, udt, valid, sizes, n_valid, ks = _prepared(groups, counts, valid, _count)
+    if paired is None:
+        paired = max(sizes) >= _PAIRS_FROM
+    if paired:
+        # Keys computed from the scores wherever they are compared: a key
+        # array the size of the scores would cost more to write than the
+        # conversion costs in each pass that reads memory anyway.
+        sources = groups
+        key = functools.partial(order_key, float_dtype=fdt)
+    else:
+        sources = [[order_key(s, fdt) for s in g] for g in groups]
+        key = lambda x: x  # noqa: E731
+    # A bracket small enough is finished by gathering it; sharded leaves
+    # keep searching (their columns would be gathered across devices).
+    widths = [
+        _bracket_width(size) if paired and not any(map(_sharded, g)) else 0
+        for g, size in zip(groups, sizes)
+    ]
 
     def masked(x, v):
         return x if v is None else x & v
 
-    def live_groups_only(count_group, zero):
+    def column_ends(s, v):
+        # Below the key 0 no entry, below the largest key every valid one.
+        rows = _count_rows(s.size, _PAIR_ROWS)
+        if v is None:
+            return jnp.full(s.size // rows, rows << 4, jnp.uint8)
+        return _column_sums(v.reshape(-1), jnp.uint8, _PAIR_ROWS)[0] << 4
+
+    ends = [
+        tuple(column_ends(s, v) for s, v in zip(g, vg) if s.size >= _PAIR_ROWS)
+        if w
+        else ()
+        for g, vg, w in zip(groups, valid, widths)
+    ]
+
+    def live_groups_only(count_group, zero_of):
         # A search loops until its last group ends; the groups that ended
         # earlier are not counted again (a cond costs far less than a pass,
         # whose fixed cost alone is a few microseconds on a small leaf).
@@ -771,52 +870,64 @@ def _prune_lowest(groups, counts, valid, *, paired):
             if len(groups) == 1:
                 return [count_group(0, ts[0])]
             return [
-                lax.cond(on, functools.partial(count_group, g, t), lambda: zero)
+                lax.cond(
+                    on,
+                    functools.partial(count_group, g, t),
+                    functools.partial(zero_of, g),
+                )
                 for g, (t, on) in enumerate(zip(ts, live))
             ]
 
         return count
 
     def below_group(g, t):
-        return sum(_count(masked(k < t, v)) for k, v in zip(keys[g], valid[g]))
+        return sum(_count(masked(key(s) < t, v)) for s, v in zip(sources[g], valid[g]))
 
     def below_pair_group(g, ts):
         t1, t2 = ts
-        pairs = (
-            _count_pair(masked(k < t1, v), masked(k < t2, v))
-            for k, v in zip(keys[g], valid[g])
-        )
-        return tuple(sum(c) for c in zip(*pairs))
+        # Tied to the probes, the scores' keys are not loop invariant, so
+        # XLA computes them in the pass instead of writing them out before.
+        scores, t1 = lax.optimization_barrier((sources[g], t1))
+        c1, c2, columns = 0, 0, []
+        for s, v in zip(scores, valid[g]):
+            a, b, c = _count_pair(masked(key(s) < t1, v), masked(key(s) < t2, v))
+            c1, c2 = c1 + a, c2 + b
+            if widths[g] and c is not None:
+                columns.append(c)
+        return c1, c2, tuple(columns)
 
     zero = jnp.zeros((), jnp.int32)
-    below = live_groups_only(below_group, zero)
-    below_pairs = live_groups_only(below_pair_group, (zero, zero))
+    below = live_groups_only(below_group, lambda g: zero)
+    below_pairs = live_groups_only(
+        below_pair_group,
+        lambda g: (zero, zero, tuple(jnp.zeros_like(e) for e in ends[g])),
+    )
 
     top = _largest(udt)
-    fdt = jnp.dtype(jnp.float64 if udt.itemsize == 8 else jnp.float32)
-    if paired is None:
-        paired = max(sizes) >= _PAIRS_FROM
     if not paired:
         guesses = [
-            list(enumerate(_sample_pair(k, v, c, n)))
-            for k, v, c, n in zip(keys, valid, ks, n_valid)
+            list(enumerate(_sample_pair(s, v, c, n)))
+            for s, v, c, n in zip(sources, valid, ks, n_valid)
         ]
         lo, c_lo, hit, t_hit = _search_by_one(
             below, ks, [top] * len(groups), n_valid, guesses, udt, fdt
         )
-        c_hi, hi, widths = c_lo, lo, [0] * len(groups)
+        c_hi, hi = c_lo, lo
     else:
         guesses = [
-            _sample_guesses(k, v, c, n) for k, v, c, n in zip(keys, valid, ks, n_valid)
+            _sample_guesses(s, key, v, c, n)
+            for s, v, c, n in zip(sources, valid, ks, n_valid)
         ]
-        # A bracket small enough is finished by gathering it; sharded leaves
-        # keep searching (their columns would be gathered across devices).
-        widths = [
-            0 if any(_sharded(k) for k in keys[g]) else _bracket_width(sizes[g])
-            for g in range(len(groups))
-        ]
-        lo, c_lo, hi, c_hi, hit, t_hit = _search(
-            below_pairs, ks, [top] * len(groups), n_valid, guesses, udt, fdt, widths
+        lo, c_lo, hi, c_hi, hit, t_hit, ends = _search(
+            below_pairs,
+            ks,
+            [top] * len(groups),
+            n_valid,
+            ends,
+            guesses,
+            udt,
+            fdt,
+            widths,
         )
     offsets = [np.cumsum([0] + [int(np.prod(s.shape)) for s in g]) for g in groups]
 
@@ -839,7 +950,17 @@ def _prune_lowest(groups, counts, valid, *, paired):
         out = []
         for g in finishing:
             out.append(
-                _finish(keys[g], valid[g], offsets[g], lo[g], hi[g], need[g], widths[g])
+                _finish(
+                    sources[g],
+                    key,
+                    valid[g],
+                    offsets[g],
+                    lo[g],
+                    hi[g],
+                    need[g],
+                    widths[g],
+                    ends[g],
+                )
             )
         return tuple(out)
 
@@ -862,7 +983,7 @@ def _prune_lowest(groups, counts, valid, *, paired):
         # The tie masks built inside the branch: outside it, they would cost
         # a pass over the keys on every call, for a case that is rare.
         ties = [
-            [masked((k == t) & p, v) for k, v in zip(keys[g], valid[g])]
+            [masked((key(s) == t) & p, v) for s, v in zip(sources[g], valid[g])]
             for g, (t, p) in enumerate(zip(lo, pile))
         ]
         return _position_cuts(ties, positions(), need, max(sizes), _count)
@@ -874,21 +995,21 @@ def _prune_lowest(groups, counts, valid, *, paired):
     )
     thresholds, tie_keys, tie_on, cuts = [], [], [], []
     for g in range(len(groups)):
-        t, on, key, cut = finished.get(g, (lo[g], False, lo[g], pile_cuts[g]))
+        t, on, tie, cut = finished.get(g, (lo[g], False, lo[g], pile_cuts[g]))
         gather_g = gathered[g]
         thresholds.append(jnp.where(hit[g], t_hit[g], jnp.where(gather_g, t, lo[g])))
-        tie_keys.append(jnp.where(gather_g, key, lo[g]))
+        tie_keys.append(jnp.where(gather_g, tie, lo[g]))
         tie_on.append(jnp.where(gather_g, on, pile[g]))
         cuts.append(jnp.where(gather_g, cut, pile_cuts[g]))
     ties = [
-        [masked((k == t) & on, v) for k, v in zip(keys[g], valid[g])]
+        [masked((key(s) == t) & on, v) for s, v in zip(sources[g], valid[g])]
         for g, (t, on) in enumerate(zip(tie_keys, tie_on))
     ]
     at = positions()
     return [
         [
-            masked(k < t, v) | (tie & (p >= c))
-            for k, v, tie, p in zip(keys[g], valid[g], ties[g], at[g])
+            masked(key(s) < t, v) | (tie & (p >= c))
+            for s, v, tie, p in zip(sources[g], valid[g], ties[g], at[g])
         ]
         for g, (t, c) in enumerate(zip(thresholds, cuts))
     ]

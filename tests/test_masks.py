@@ -292,10 +292,12 @@ def test_search_memory_is_linear_without_a_sort():
 @pytest.mark.parametrize("paired", [False, True])
 @pytest.mark.parametrize("with_valid", [False, True])
 def test_search_writes_only_keys_and_mask_outside_its_loops(paired, with_valid):
-    """Outside the search's loops and conds, the compiled selection writes one
-    key array and the mask per leaf, nothing else the leaf's size: the
-    positions that break ties and the tie masks of a rare pile are built
-    where they are used (each was one more pass over every score)."""
+    """Outside the search's loops and conds, the compiled selection writes the
+    mask per leaf and, for the small selections' search, one key array,
+    nothing else the leaf's size: the positions that break ties and the tie
+    masks of a rare pile are built where they are used (each was one more
+    pass over every score), and the large selections' search computes the
+    keys in each pass, where reading memory hides the work."""
     x = jnp.zeros((1000, 1000), jnp.float32)
     v = jnp.ones(x.shape, bool)
 
@@ -312,7 +314,7 @@ def test_search_writes_only_keys_and_mask_outside_its_loops(paired, with_valid):
         and "parameter(" not in line
         and "get-tuple-element(" not in line
     ]
-    assert len(written) == 2, written
+    assert len(written) == (1 if paired else 2), written
 
 
 @pytest.mark.parametrize("paired", [False, True])
