@@ -682,24 +682,30 @@ def _bracket_width(size: int) -> int:
 
 
 def _fullest_columns(columns: list[jax.Array], width: int) -> jax.Array:
-    """The indices, into the leaves' column counts laid end to end, of the
-    ``width`` largest (all that are positive when at most ``width`` are).
+    """The indices, into the leaves' column counts (each at most 15) laid end
+    to end, of the ``width`` largest: all that are positive when at most
+    ``width`` are.
 
-    Chosen per leaf first and merged: XLA's CPU backend fuses the sums of
-    counts laid end to end into the concatenation, where they run
-    unvectorized (14 ms against 2.5 ms for four 2048x2048 leaves). The
-    float ``top_k`` is a partial sort there; an integer one sorts all.
+    Many columns are first summed in blocks of 16, and only the ``width``
+    fullest blocks' columns are ranked: a partial sort (the float
+    ``top_k`` on XLA's CPU backend; an integer one sorts all) of 10^7
+    columns costs a tenth of a pass over 10^8 scores.
     """
-    values, indices, start = [], [], 0
-    for c in columns:
-        v, i = lax.top_k(c.astype(jnp.float32), min(width, c.size))
-        values.append(v)
-        indices.append(i + start)
-        start += c.size
-    if len(columns) == 1:
-        return indices[0]
-    values, indices = jnp.concatenate(values), jnp.concatenate(indices)
-    return indices[lax.top_k(values, min(width, values.size))[1]]
+    counts = jnp.concatenate(columns)
+    if counts.size < 64 * width:
+        return lax.top_k(counts.astype(jnp.float32), min(width, counts.size))[1]
+    main = counts.size // 16 * 16
+    blocks = jnp.sum(counts[:main].reshape(-1, 16), axis=1, dtype=jnp.uint8)
+    fullest = lax.top_k(blocks.astype(jnp.float32), width)[1]
+    inside = jnp.arange(16, dtype=fullest.dtype)
+    candidates = jnp.concatenate(
+        [
+            (fullest[:, None] * 16 + inside[None, :]).reshape(-1),
+            jnp.arange(main, counts.size, dtype=fullest.dtype),
+        ]
+    )
+    ranked = lax.top_k(counts[candidates].astype(jnp.float32), width)[1]
+    return candidates[ranked]
 
 
 def _finish(sources, key, valid, offsets, lo, hi, need, width: int, ends):

@@ -345,6 +345,27 @@ def test_search_passes_write_nothing_the_size_of_the_scores(paired):
             assert size < x.size // 8, line
 
 
+@pytest.mark.parametrize("sizes", [(100, 50), (5000,), (1021, 3000, 7)])
+def test_fullest_columns_hold_every_column_of_the_bracket(sizes):
+    """The finish gathers the columns that the search's counts say hold the
+    bracket's entries (at most ``width``), ranking many columns by blocks of
+    16 first: every positive column is chosen, the ones the blocks leave
+    over included."""
+    from jaxsparse import _select
+
+    width, total = 16, sum(sizes)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        positive = rng.choice(total, rng.integers(1, width), replace=False)
+        positive = np.unique(np.append(positive, total - 1))
+        counts = np.zeros(total, np.uint8)
+        counts[positive] = rng.integers(1, 16, positive.size)
+        columns = np.split(counts, np.cumsum(sizes)[:-1])
+        chosen = _select._fullest_columns([jnp.asarray(c) for c in columns], width)
+        assert chosen.shape == (width,)
+        assert set(positive) <= set(np.asarray(chosen).tolist())
+
+
 def _whiles(jaxpr):
     """The ``while`` equations of ``jaxpr`` and of every jaxpr inside it."""
     for eqn in jaxpr.eqns:
