@@ -306,7 +306,9 @@ def _count_pair(a: jax.Array, b: jax.Array):
     count_a = _total(rest & 15) if rest.size else 0
     count_b = _total(rest >> 4) if rest.size else 0
     # The column sums summed the same way, in the bytes of a uint16 (at most
-    # 16 x 15 each): widening sums of them all cost half the pass.
+    # 16 x 15 each): widening sums of them all cost half the pass. (Unlike
+    # _count's, these column sums have other uses, so XLA does not fuse the
+    # first sum into the second.)
     wide = (columns & 15).astype(jnp.uint16) | ((columns >> 4).astype(jnp.uint16) << 8)
     sums, rest = _column_sums(wide, jnp.uint16, 16)
     count_a = count_a + _total(sums & 255) + (_total(rest & 255) if rest.size else 0)
@@ -346,8 +348,9 @@ def _largest(dtype) -> jax.Array:
 
 
 def _sample(sources, key, valid, want: int) -> tuple[jax.Array, jax.Array, bool]:
-    """About ``want`` keys at fixed positions, whether each is valid, and
-    whether they are the whole group."""
+    """About ``want`` keys (``key`` of the ``sources``' entries) at fixed
+    positions, whether each is valid, and whether they are the whole
+    group."""
     sizes = [int(np.prod(x.shape)) for x in sources]
     pos = _sample_positions(sizes, want)
     sample = jnp.concatenate([key(_take(x, p)) for x, p in zip(sources, pos)])
@@ -681,7 +684,7 @@ def _bracket_width(size: int) -> int:
     return min(max(size // 1024, 16), 4096)
 
 
-def _fullest_columns(columns: list[jax.Array], width: int) -> jax.Array:
+def fullest_columns(columns: list[jax.Array], width: int) -> jax.Array:
     """The indices, into the leaves' column counts (each at most 15) laid end
     to end, of the ``width`` largest: all that are positive when at most
     ``width`` are.
@@ -738,7 +741,7 @@ def _finish(sources, key, valid, offsets, lo, hi, need, width: int, ends):
             )
             cand_in.append(inside if v is None else inside & v.reshape(-1)[main:])
     if columns:
-        chosen = _fullest_columns(columns, width)
+        chosen = fullest_columns(columns, width)
         start = 0
         for x, v, o in zip(sources, valid, offsets):
             if x.size < _PAIR_ROWS:

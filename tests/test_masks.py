@@ -17,6 +17,7 @@ from trees import KINDS, make_tree
 import jaxsparse as js
 from jaxsparse import _tree
 from jaxsparse._select import (
+    fullest_columns,
     num_pruned,
     order_key,
     prune_lowest,
@@ -346,13 +347,11 @@ def test_search_passes_write_nothing_the_size_of_the_scores(paired):
 
 
 @pytest.mark.parametrize("sizes", [(100, 50), (5000,), (1021, 3000, 7)])
-def test_fullest_columns_hold_every_column_of_the_bracket(sizes):
+def testfullest_columns_hold_every_column_of_the_bracket(sizes):
     """The finish gathers the columns that the search's counts say hold the
     bracket's entries (at most ``width``), ranking many columns by blocks of
     16 first: every positive column is chosen, the ones the blocks leave
     over included."""
-    from jaxsparse import _select
-
     width, total = 16, sum(sizes)
     rng = np.random.default_rng(0)
     for _ in range(20):
@@ -361,7 +360,7 @@ def test_fullest_columns_hold_every_column_of_the_bracket(sizes):
         counts = np.zeros(total, np.uint8)
         counts[positive] = rng.integers(1, 16, positive.size)
         columns = np.split(counts, np.cumsum(sizes)[:-1])
-        chosen = _select._fullest_columns([jnp.asarray(c) for c in columns], width)
+        chosen = fullest_columns([jnp.asarray(c) for c in columns], width)
         assert chosen.shape == (width,)
         assert set(positive) <= set(np.asarray(chosen).tolist())
 
