@@ -264,6 +264,24 @@ def test_paired_search_selects_as_bisection_reference(kind, shape):
     _selects_as_bisection_reference(kind, shape, paired=True)
 
 
+@pytest.mark.parametrize("kind", ["normal", "zero pile", "integers", "few ties"])
+def test_paired_search_at_scale_selects_as_bisection_reference(kind):
+    """At 5 million scores the finish gathers a bracket of up to 4096
+    entries from columns ranked by blocks, and a prime-sized leaf leaves
+    columns and entries over."""
+    x = jnp.asarray(_scores(kind, 3_000_017, 0), jnp.float32)
+    y = jnp.asarray(_scores(kind, 2_100_000, 1).reshape(1500, 1400), jnp.float32)
+    v = jnp.asarray(np.random.default_rng(2).random(y.shape) < 0.9)
+    search = _SEARCHES[True]
+    reference = jax.jit(prune_lowest_by_bisection)
+    for k in (1, 2_000_000, 4_500_000):
+        for valid in (None, [[None, v]]):
+            new = search([[x, y]], [jnp.int32(k)], valid)
+            ref = reference([[x, y]], [jnp.int32(k)], valid)
+            for a, b in zip(new[0], ref[0]):
+                np.testing.assert_array_equal(a, b, err_msg=f"{kind} k={k}")
+
+
 def test_search_in_float64(x64):
     x = jnp.asarray(_scores("normal", 5000, 3), jnp.float64)
     x = x.at[::7].set(x[0])  # a 715-way tie among distinct doubles
