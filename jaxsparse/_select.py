@@ -577,10 +577,10 @@ def _moved_ends(ends: jax.Array, columns: jax.Array, moves) -> jax.Array:
     return lo | (hi << 4)
 
 
-def _sample_pair(keys, valid, k, n_valid) -> tuple[jax.Array, jax.Array]:
+def _sample_pair(sources, key, valid, k, n_valid) -> tuple[jax.Array, jax.Array]:
     """Two probes from a sample of 256 that bracket the k-th lowest key with
     high probability: two standard deviations of the estimate either side."""
-    below, above = _sample_bounds(keys, lambda x: x, valid, k, n_valid, _MIN_SAMPLE)
+    below, above = _sample_bounds(sources, key, valid, k, n_valid, _MIN_SAMPLE)
     return below(2.0), above(2.0)
 
 
@@ -915,7 +915,7 @@ def _prune_lowest(groups, counts, valid, *, paired):
     top = _largest(udt)
     if not paired:
         guesses = [
-            list(enumerate(_sample_pair(s, v, c, n)))
+            list(enumerate(_sample_pair(s, key, v, c, n)))
             for s, v, c, n in zip(sources, valid, ks, n_valid)
         ]
         lo, c_lo, hit, t_hit = _search_by_one(
