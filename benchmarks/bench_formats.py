@@ -42,14 +42,17 @@ def csr_throughput():
     enc = F.encode(x, "csr")
     ref = scipy.sparse.csr_array(x)
     assert np.array_equal(F.decode(enc), ref.toarray())
-    t = {
-        "encode jaxsparse": host_median(lambda: F.encode(x, "csr")),
-        "encode scipy": host_median(lambda: scipy.sparse.csr_array(x)),
-        "decode jaxsparse": host_median(lambda: F.decode(enc)),
-        "decode scipy": host_median(lambda: ref.toarray()),
-    }
+    t = interleaved(
+        {
+            "encode jaxsparse": lambda: F.encode(x, "csr"),
+            "encode scipy": lambda: scipy.sparse.csr_array(x),
+            "decode jaxsparse": lambda: F.decode(enc),
+            "decode scipy": ref.toarray,
+        },
+        21,
+    )
     mb = x.nbytes / 2**20
-    print("CSR, 4096x4096 float32 at 90 %, median of 7:")
+    print("CSR, 4096x4096 float32 at 90 %, median of 21 interleaved rounds:")
     for name, ms in t.items():
         print(f"  {name:<18} {ms:8.1f} ms  {mb / (ms / 1e3):8.0f} MiB/s")
     encode = t["encode jaxsparse"] / t["encode scipy"]

@@ -46,6 +46,7 @@ import math
 from typing import Any
 
 import numpy as np
+import scipy.sparse
 
 FORMATS = ("dense", "bitmap", "coo", "delta", "padded_delta", "csr", "csc")
 _HEADER_FIELD_BITS = 64
@@ -382,26 +383,37 @@ class _Compressed(Format):
         rows, cols = matrix_shape(enc.shape)
         if self.by_columns:
             rows, cols = cols, rows
-        pointer, indices = a["pointer"].astype(np.int64), a["indices"]
+        pointer, indices, values = a["pointer"], a["indices"], a["values"]
         _check(pointer.size == rows + 1, "the pointer length differs from the rows")
-        lengths = np.diff(pointer)
+        lengths = np.diff(pointer.astype(np.int64))
         _check(
             pointer[0] == 0 and bool(np.all(lengths >= 0)), "pointers are not monotone"
         )
         _check(
-            pointer[-1] == indices.size == a["values"].size,
+            pointer[-1] == indices.size == values.size,
             "pointer, indices and values disagree",
         )
+        _check(indices.dtype.kind in "iu", "the indices are not integers")
+        # Seen as unsigned, a negative index is out of range too: one pass.
+        unsigned = indices.view(f"u{indices.dtype.itemsize}")
         _check(
-            indices.size == 0 or (indices.min() >= 0 and indices.max() < cols),
-            "an index is out of range",
+            indices.size == 0 or int(unsigned.max()) < cols, "an index is out of range"
         )
-        matrix = np.zeros(rows * cols, enc.dtype)
-        # Flat positions built in place, in the index type numpy scatters by.
-        at = np.repeat(np.arange(0, rows * cols, cols, dtype=np.intp), lengths)
-        at += indices
-        matrix[at] = a["values"]
-        matrix = matrix.reshape(rows, cols)
+        if values.dtype.itemsize in (1, 2, 4, 8):
+            # scipy (which jax depends on) expands in compiled code. The values
+            # travel as unsigned integers of their width, so every dtype
+            # (float16, bfloat16, ...) is copied bit for bit, never added.
+            bits = values.view(f"u{values.dtype.itemsize}")
+            matrix = scipy.sparse.csr_array(
+                (bits, indices, pointer), shape=(rows, cols)
+            ).toarray()
+            matrix = matrix.view(values.dtype)
+        else:
+            matrix = np.zeros(rows * cols, enc.dtype)
+            at = np.repeat(np.arange(0, rows * cols, cols, dtype=np.intp), lengths)
+            at += indices
+            matrix[at] = values
+            matrix = matrix.reshape(rows, cols)
         return matrix.T if self.by_columns else matrix
 
     def model(self, n, m, k, *, rows=None, **facts):
