@@ -289,6 +289,12 @@ def _count(pred: jax.Array) -> jax.Array:
     return total + _total(columns)
 
 
+def _has_columns(x: jax.Array) -> bool:
+    """Whether :func:`_count_pair` returns the column sums of ``x``: for
+    unsharded leaves of at least 15 entries."""
+    return not _sharded(x) and x.size >= _PAIR_ROWS
+
+
 def _count_pair(a: jax.Array, b: jax.Array):
     """``_count(a), _count(b)`` in one pass, and the column sums they come
     from (``None`` for sharded arrays and those under 15 entries).
@@ -298,7 +304,7 @@ def _count_pair(a: jax.Array, b: jax.Array):
     what one count does, half as much as two; in cache, as much as two
     (its column sums are twice as many).
     """
-    if _sharded(a) or a.size < _PAIR_ROWS:
+    if not _has_columns(a):
         return _total(a), _total(b), None
     a, b = a.reshape(-1), b.reshape(-1)
     packed = a.astype(jnp.uint8) | (b.astype(jnp.uint8) << 4)
@@ -434,6 +440,30 @@ def _start(ks, hi, c_hi, udt, flags: int) -> tuple:
     )
 
 
+def _interpolate(lo, hi, c_lo, width, target, float_dtype: np.dtype) -> jax.Array:
+    """The key strictly inside ``(lo, hi)`` where the count reaches
+    ``target`` if it rises linearly from ``c_lo`` at ``lo`` by ``width``
+    (floats) to ``hi``: linear in the keys' values when both ends are finite
+    numbers, since on most data the count is closer to linear in the value
+    than in the key, whose slope halves at every power of two; linear in the
+    keys otherwise."""
+    udt = lo.dtype
+    fdt = jnp.float64 if udt.itemsize == 8 else jnp.float32
+    # The largest float below 2**bits, so the conversion back cannot overflow.
+    top = float(np.nextafter(np.asarray(2.0 ** (8 * udt.itemsize), fdt), 0))
+    one = jnp.ones((), udt)
+    span = hi - lo
+    frac = jnp.clip((target - c_lo.astype(fdt)) / width, 0.0, 1.0)
+    offset = jnp.minimum(jnp.floor(frac * span.astype(fdt)), top).astype(udt)
+    a, b = _key_value(lo, float_dtype), _key_value(hi, float_dtype)
+    value = a + frac.astype(float_dtype) * (b - a)
+    by_value = jnp.clip(order_key(value, float_dtype), lo, hi) - lo
+    offset = jnp.where(
+        jnp.isfinite(a) & jnp.isfinite(b) & jnp.isfinite(value), by_value, offset
+    )
+    return lo + jnp.clip(offset, one, span - one)
+
+
 def _search(count, ks, hi, c_hi, ends, guesses, udt, float_dtype, stop_widths):
     """Per group, a threshold ``t`` with ``count(t) == k``, or a bracket
     ``lo < hi`` with ``count(lo) < k < count(hi)`` that holds at most
@@ -456,10 +486,8 @@ def _search(count, ks, hi, c_hi, ends, guesses, udt, float_dtype, stop_widths):
     ``(step, slot, key)`` replace that step's lower (slot 0) or upper probe
     when inside the bracket.
 
-    The keys are order keys of ``float_dtype``: the interpolation runs on
-    their values once both ends are finite numbers, since on most data the
-    count is closer to linear in the value than in the key, whose slope
-    halves at every power of two.
+    The keys are order keys of ``float_dtype``, interpolated as
+    :func:`_interpolate` does.
 
     Returns:
       Lists ``lo, c_lo, hi, c_hi, hit, t, ends`` per group: ``hit`` says
@@ -467,21 +495,7 @@ def _search(count, ks, hi, c_hi, ends, guesses, udt, float_dtype, stop_widths):
     """
     groups = range(len(ks))
     fdt = jnp.float64 if udt.itemsize == 8 else jnp.float32
-    # The largest float below 2**bits, so the conversion back cannot overflow.
-    top = float(np.nextafter(np.asarray(2.0 ** (8 * udt.itemsize), fdt), 0))
     one = jnp.ones((), udt)
-
-    def probe(lo, hi, c_lo, width, target):
-        span = hi - lo
-        frac = jnp.clip((target - c_lo.astype(fdt)) / width, 0.0, 1.0)
-        offset = jnp.minimum(jnp.floor(frac * span.astype(fdt)), top).astype(udt)
-        a, b = _key_value(lo, float_dtype), _key_value(hi, float_dtype)
-        value = a + frac.astype(float_dtype) * (b - a)
-        by_value = jnp.clip(order_key(value, float_dtype), lo, hi) - lo
-        offset = jnp.where(
-            jnp.isfinite(a) & jnp.isfinite(b) & jnp.isfinite(value), by_value, offset
-        )
-        return lo + jnp.clip(offset, one, span - one)
 
     def searching(lo, hi, c_lo, c_hi, hit):
         return [
@@ -502,8 +516,8 @@ def _search(count, ks, hi, c_hi, ends, guesses, udt, float_dtype, stop_widths):
             spread = jnp.where(missed[g], 8.0, 2.0)
             delta = spread * jnp.sqrt(width * f * (1.0 - f)) + width / 32 + 1.0
             target = ks[g].astype(fdt)
-            t1 = probe(lo[g], hi[g], c_lo[g], width, target - delta)
-            t2 = probe(lo[g], hi[g], c_lo[g], width, target + delta)
+            t1 = _interpolate(lo[g], hi[g], c_lo[g], width, target - delta, float_dtype)
+            t2 = _interpolate(lo[g], hi[g], c_lo[g], width, target + delta, float_dtype)
             span = hi[g] - lo[g]
             t1 = jnp.where(thirds[g], lo[g] + jnp.maximum(span // 3, one), t1)
             t2 = jnp.where(thirds[g], hi[g] - jnp.maximum(span // 3, one), t2)
@@ -600,10 +614,8 @@ def _search_by_one(count, ks, hi, c_hi, guesses, udt, float_dtype):
     of 2**b keys closes in at most about 3b steps whatever the data. Guesses
     ``(step, key)`` replace the probe of that step when inside the bracket.
 
-    The keys are order keys of ``float_dtype``: the interpolation runs on
-    their values once both ends are finite numbers, since on most data the
-    count is closer to linear in the value than in the key, whose slope
-    halves at every power of two.
+    The keys are order keys of ``float_dtype``, interpolated as
+    :func:`_interpolate` does.
 
     Returns:
       Lists ``lo, c_lo, hit, t`` per group: ``hit`` says ``count(t) == k``;
@@ -612,8 +624,6 @@ def _search_by_one(count, ks, hi, c_hi, guesses, udt, float_dtype):
     groups = range(len(ks))
     n_guessed = max((at + 1 for g in guesses for at, _ in g), default=0)
     fdt = jnp.float64 if udt.itemsize == 8 else jnp.float32
-    # The largest float below 2**bits, so the conversion back cannot overflow.
-    top = float(np.nextafter(np.asarray(2.0 ** (8 * udt.itemsize), fdt), 0))
     one = jnp.ones((), udt)
 
     def searching(lo, hi, hit):
@@ -630,18 +640,12 @@ def _search_by_one(count, ks, hi, c_hi, guesses, udt, float_dtype):
             margin = jnp.floor(0.5 * jnp.sqrt(width.astype(fdt)))
             far_low = ks[g] - c_lo[g] > c_hi[g] - ks[g]
             target = ks[g].astype(fdt) + jnp.where(far_low, -margin, margin)
-            frac = (target - c_lo[g].astype(fdt)) / width.astype(fdt)
-            offset = jnp.minimum(jnp.floor(frac * span.astype(fdt)), top).astype(udt)
-            a, b = _key_value(lo[g], float_dtype), _key_value(hi[g], float_dtype)
-            value = a + frac.astype(float_dtype) * (b - a)
-            by_value = jnp.clip(order_key(value, float_dtype), lo[g], hi[g]) - lo[g]
-            offset = jnp.where(
-                jnp.isfinite(a) & jnp.isfinite(b) & jnp.isfinite(value),
-                by_value,
-                offset,
-            )
             t = jnp.where(
-                bisect[g], lo[g] + span // 2, lo[g] + jnp.clip(offset, one, span - one)
+                bisect[g],
+                lo[g] + span // 2,
+                _interpolate(
+                    lo[g], hi[g], c_lo[g], width.astype(fdt), target, float_dtype
+                ),
             )
             for at, key in guesses[g]:
                 t = jnp.where((i == at) & (lo[g] < key) & (key < hi[g]), key, t)
@@ -728,7 +732,7 @@ def _finish(sources, key, valid, offsets, lo, hi, need, width: int, ends):
     for s, v, o in zip(sources, valid, offsets):
         flat = s.reshape(-1)
         main = 0
-        if flat.size >= _PAIR_ROWS:
+        if _has_columns(s):
             e = next(ends)
             columns.append((e >> 4) - (e & 15))
             main = e.size * _count_rows(flat.size, _PAIR_ROWS)
@@ -744,7 +748,7 @@ def _finish(sources, key, valid, offsets, lo, hi, need, width: int, ends):
         chosen = fullest_columns(columns, width)
         start = 0
         for x, v, o in zip(sources, valid, offsets):
-            if x.size < _PAIR_ROWS:
+            if not _has_columns(x):
                 continue
             rows = _count_rows(x.size, _PAIR_ROWS)
             n = x.size // rows
@@ -865,9 +869,7 @@ def _prune_lowest(groups, counts, valid, *, paired):
         return _column_sums(v.reshape(-1), jnp.uint8, _PAIR_ROWS)[0] << 4
 
     ends = [
-        tuple(column_ends(s, v) for s, v in zip(g, vg) if s.size >= _PAIR_ROWS)
-        if w
-        else ()
+        tuple(column_ends(s, v) for s, v in zip(g, vg) if _has_columns(s)) if w else ()
         for g, vg, w in zip(groups, valid, widths)
     ]
 
