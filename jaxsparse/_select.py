@@ -192,7 +192,7 @@ def prune_lowest_by_bisection(
     partial = jnp.any(jnp.stack([n > r for n, r in zip(n_ties, need)]))
     cuts = lax.cond(
         partial,
-        lambda: _position_cuts(ties, positions, need, max(sizes), count_true),
+        lambda: _position_cuts(ties, positions, need, sizes, count_true),
         lambda: tuple(jnp.zeros((), jnp.uint32) for _ in groups),
     )
     return [
@@ -201,11 +201,21 @@ def prune_lowest_by_bisection(
     ]
 
 
-def _position_cuts(ties, positions, need, size: int, count_true) -> tuple:
+def _position_cuts(
+    ties, positions, need, sizes: Sequence[int], count_true, piled=None
+) -> tuple:
     """Per group the largest position cut with at least ``need[g]`` ties at or
     after it, one position bit per pass (positions are distinct, so exactly
-    ``need[g]`` of them)."""
-    ibits = max(size.bit_length(), 1)
+    ``need[g]`` of them). Positions of group ``g`` are below ``sizes[g]``.
+
+    Without ``piled``, every group is counted in every pass, one per bit of
+    the largest size. With it, only the groups ``piled`` says have ties to
+    cut, each in the passes of its own positions' bits (the cut of any other
+    group is 0): a tie pile in a small leaf does not cost passes over the
+    large ones.
+    """
+    bits = [max(int(n).bit_length(), 1) for n in sizes]
+    ibits = max(bits)
 
     def position_step(i, js):
         bit = jnp.left_shift(
@@ -214,14 +224,32 @@ def _position_cuts(ties, positions, need, size: int, count_true) -> tuple:
         out = []
         for g, j in enumerate(js):
             cand = j | bit
-            at_or_after = sum(
-                count_true(t & (p >= cand)) for t, p in zip(ties[g], positions[g])
-            )
-            out.append(jnp.where(at_or_after >= need[g], cand, j))
+
+            def at_or_after(g=g, cand=cand):
+                return sum(
+                    count_true(t & (p >= cand)) for t, p in zip(ties[g], positions[g])
+                )
+
+            if piled is None:
+                out.append(jnp.where(at_or_after() >= need[g], cand, j))
+                continue
+            on = piled[g] & (i >= ibits - bits[g])
+            if len(ties) == 1:
+                n = at_or_after()
+            else:
+                n = lax.cond(on, at_or_after, lambda: jnp.zeros((), jnp.int32))
+            out.append(jnp.where(on & (n >= need[g]), cand, j))
         return tuple(out)
 
     start = tuple(jnp.zeros((), jnp.uint32) for _ in ties)
-    return lax.fori_loop(0, ibits, position_step, start)
+    if piled is None:
+        return lax.fori_loop(0, ibits, position_step, start)
+    # From the top bit of the largest piled group: higher bits cut past all
+    # of its positions.
+    top = functools.reduce(
+        jnp.maximum, [jnp.where(p, b, 0) for p, b in zip(piled, bits)]
+    )
+    return lax.fori_loop(ibits - top, ibits, position_step, start)
 
 
 # Fixed pseudo-random sample positions: the sample only guides the search,
@@ -997,7 +1025,7 @@ def _prune_lowest(groups, counts, valid, *, paired):
             [masked((key(s) == t) & p, v) for s, v in zip(sources[g], valid[g])]
             for g, (t, p) in enumerate(zip(lo, pile))
         ]
-        return _position_cuts(ties, positions(), need, max(sizes), _count)
+        return _position_cuts(ties, positions(), need, sizes, _count, pile)
 
     pile_cuts = lax.cond(
         jnp.any(jnp.stack(pile)),

@@ -264,6 +264,30 @@ def test_paired_search_selects_as_bisection_reference(kind, shape):
     _selects_as_bisection_reference(kind, shape, paired=True)
 
 
+@pytest.mark.parametrize("paired", [False, True])
+@pytest.mark.parametrize("piled", ["small", "large", "all"])
+def test_tie_piles_in_some_groups_are_cut_by_their_own_positions(paired, piled):
+    """Leaves of 10, 300 and 21,000 entries selected layer-wise, some of them
+    mostly zeros whose tie straddles the threshold (zero biases beside
+    normal kernels, as at initialization): each pile is cut by the bits of
+    its own leaf's positions, a group without one is left as it is,
+    against brute force."""
+    rng = np.random.default_rng(0)
+    sizes = (10, 300, 21_000)
+    leaves = []
+    for n in sizes:
+        x = rng.normal(size=n)
+        if piled == "all" or (piled == "small") == (n < 1000):
+            x = np.where(rng.random(n) < 0.95, 0.0, x)
+        leaves.append(jnp.asarray(x, jnp.float32))
+    for sparsity in (0.1, 0.5, 0.9):  # cuts late, midway and early in a pile
+        counts = [round(sparsity * n) for n in sizes]
+        out = _SEARCHES[paired]([[x] for x in leaves], [jnp.int32(k) for k in counts])
+        for x, k, (got,) in zip(leaves, counts, out):
+            (want,) = reference_pruned([x], k)
+            np.testing.assert_array_equal(got, want, err_msg=f"{sparsity} {x.size}")
+
+
 @pytest.mark.parametrize("kind", ["normal", "zero pile", "integers", "few ties"])
 def test_paired_search_at_scale_selects_as_bisection_reference(kind):
     """At 5 million scores the finish gathers a bracket of up to 4096
