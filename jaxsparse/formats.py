@@ -4,8 +4,9 @@ Every encoder returns an :class:`Encoding` whose ``bits`` are the payload the
 format prescribes (values at ``k`` bits, indices at the format's width) and
 equal :func:`model_bits` for the same tensor; ``metadata_bits`` counts the
 header (shape, counts, widths) on top. Decoders invert exactly and raise
-``ValueError`` on inconsistent encodings. Encoding runs on the host (numpy),
-since the sizes depend on the data; jax arrays are accepted.
+``ValueError`` on inconsistent encodings. Encoding and decoding run on the
+host (numpy; CSR and CSC expand through ``scipy.sparse``), since the sizes
+depend on the data; jax arrays are accepted.
 
 For ``n`` slots holding ``m`` non-zeros of ``k`` bits (``lg = ceil(log2)``):
 
