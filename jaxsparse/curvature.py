@@ -24,7 +24,7 @@ import jax.extend as jex
 import jax.numpy as jnp
 from jax import lax, tree_util
 
-from jaxsparse import _tree
+from jaxsparse import _jaxpr, _tree
 from jaxsparse._types import KeyPath, LeafSelector, LossFn, Mask, Params
 from jaxsparse.blocks import BlockInverse, stack, stacked_blocks
 
@@ -209,23 +209,16 @@ def _dense_use(closed, index: int) -> int | None:
 def _eval_offset(closed, flat, at: int, offset):
     """Evaluates the jaxpr with ``offset`` added to equation ``at``'s output;
     returns the loss and that equation's first input."""
-    env: dict[Any, Any] = {}
+    seen = []
 
-    def read(v):
-        return v.val if isinstance(v, jex.core.Literal) else env[v]
+    def step(i, eqn, ins):
+        outs = _jaxpr.bind(eqn, ins)
+        if i != at:
+            return outs
+        seen.append(ins[0])
+        return [outs[0] + offset.astype(outs[0].dtype)]
 
-    env.update(zip(closed.jaxpr.constvars, closed.consts))
-    env.update(zip(closed.jaxpr.invars, flat))
-    x = None
-    for i, eqn in enumerate(closed.jaxpr.eqns):
-        ins = [read(v) for v in eqn.invars]
-        with eqn.ctx.manager:
-            ans = eqn.primitive.bind(*ins, **eqn.primitive.get_bind_params(eqn.params))
-        outs = ans if eqn.primitive.multiple_results else [ans]
-        if i == at:
-            x, outs = ins[0], [outs[0] + offset.astype(outs[0].dtype)]
-        env.update(zip(eqn.outvars, outs))
-    return read(closed.jaxpr.outvars[0]), x
+    return _jaxpr.evaluate(closed, flat, step)[0], seen[0]
 
 
 def _dense_kernel_diag(closed, flat, at: int, chunk_size: int, generic):

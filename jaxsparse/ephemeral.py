@@ -41,7 +41,7 @@ import optax
 from flax import nnx
 from jax import lax, tree_util
 
-from jaxsparse import _tree
+from jaxsparse import _jaxpr, _tree
 from jaxsparse._types import LeafSelector, Mask
 from jaxsparse.distribution import Distribution, Uniform, topk_mask
 
@@ -212,32 +212,19 @@ def _is_relu(eqn) -> bool:
 def _eval_recording(closed, args: list, found: list) -> list:
     """Evaluates a closed jaxpr, appending every ReLU output to ``found``;
     enters ``jit`` and ``custom_jvp_call`` (``jax.nn.relu``'s wrapper)."""
-    env: dict[Any, Any] = {}
 
-    def read(v):
-        return v.val if isinstance(v, jex.Literal) else env[v]
-
-    for v, c in zip(closed.jaxpr.constvars, closed.consts):
-        env[v] = c
-    for v, a in zip(closed.jaxpr.invars, args):
-        env[v] = a
-    for eqn in closed.jaxpr.eqns:
-        ins = [read(v) for v in eqn.invars]
+    def step(_, eqn, ins):
         name = eqn.primitive.name
         if name == "jit":
-            outs = _eval_recording(eqn.params["jaxpr"], ins, found)
-        elif name == "custom_jvp_call":
-            outs = _eval_recording(eqn.params["call_jaxpr"], ins, found)
-        else:
-            params = eqn.primitive.get_bind_params(eqn.params)
-            with eqn.ctx.manager:
-                ans = eqn.primitive.bind(*ins, **params)
-            outs = ans if eqn.primitive.multiple_results else [ans]
-            if _is_relu(eqn):
-                found.append(outs[0])
-        for v, value in zip(eqn.outvars, outs):
-            env[v] = value
-    return [read(v) for v in closed.jaxpr.outvars]
+            return _eval_recording(eqn.params["jaxpr"], ins, found)
+        if name == "custom_jvp_call":
+            return _eval_recording(eqn.params["call_jaxpr"], ins, found)
+        outs = _jaxpr.bind(eqn, ins)
+        if _is_relu(eqn):
+            found.append(outs[0])
+        return outs
+
+    return _jaxpr.evaluate(closed, args, step)
 
 
 def activation_sparsity(fn: Any, *args: Any) -> dict[str, jax.Array]:

@@ -40,7 +40,7 @@ import jax.extend.core as jex
 import jax.numpy as jnp
 from jax import lax, tree_util
 
-from jaxsparse import _tree
+from jaxsparse import _jaxpr, _tree
 from jaxsparse._types import LeafSelector, Mask, Params
 from jaxsparse.structure import NM, Block, Element
 
@@ -492,19 +492,10 @@ def _inputs_of_kernels(
     each recorded kernel's output axis.
     """
     out_axes = {} if out_axes is None else out_axes
-    env: dict[Any, Any] = {}
     found: dict[int, list] = {}
 
-    def read(v):
-        return v.val if isinstance(v, jex.Literal) else env[v]
-
-    for v, c in zip(closed.jaxpr.constvars, closed.consts):
-        env[v] = c
-    for v, x in zip(closed.jaxpr.invars, flat):
-        env[v] = x
-    for eqn in closed.jaxpr.eqns:
+    def step(_, eqn, ins):
         name = eqn.primitive.name
-        ins = [read(v) for v in eqn.invars]
         src = [
             None if isinstance(v, jex.Literal) else sources.get(v) for v in eqn.invars
         ]
@@ -517,10 +508,7 @@ def _inputs_of_kernels(
             for leaf, xs in got.items():
                 found.setdefault(leaf, []).extend(xs)
         else:
-            params = eqn.primitive.get_bind_params(eqn.params)
-            with eqn.ctx.manager:
-                ans = eqn.primitive.bind(*ins, **params)
-            outs = ans if eqn.primitive.multiple_results else [ans]
+            outs = _jaxpr.bind(eqn, ins)
         if name in _FOLLOW and src[0] is not None:
             sources[eqn.outvars[0]] = src[0]
         if name == "conv_general_dilated" and src[1] in wanted:
@@ -539,9 +527,9 @@ def _inputs_of_kernels(
             ):
                 found.setdefault(src[1], []).append(x.reshape(-1, x.shape[-1]))
                 out_axes[src[1]] = 1
-        for v, value in zip(eqn.outvars, outs):
-            env[v] = value
-    return [read(v) for v in closed.jaxpr.outvars], found
+        return outs
+
+    return _jaxpr.evaluate(closed, flat, step), found
 
 
 def conv_rows(

@@ -25,13 +25,12 @@ from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 import jax
-import jax.extend.core as jex
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax import tree_util
 
-from jaxsparse import _tree
+from jaxsparse import _jaxpr, _tree
 from jaxsparse._types import Params, Sparsity
 from jaxsparse.distribution import Distribution, Uniform
 from jaxsparse.groups import (
@@ -96,28 +95,21 @@ def _per_example(x: jax.Array, axis: int, size: int, stride: int) -> jax.Array:
 
 
 def _evaluate(closed, flat, hooks: dict, record) -> tuple[list, dict]:
-    env: dict[Any, Any] = {}
-
-    def read(v):
-        return v.val if isinstance(v, jex.Literal) else env[v]
-
-    for v, c in zip(closed.jaxpr.constvars, closed.consts):
-        env[v] = c
-    for v, x in zip(closed.jaxpr.invars, flat):
-        env[v] = x
+    """Evaluates a closed jaxpr, keeping the values of the variables in
+    ``record`` and passing those in ``hooks`` through their hook (after
+    recording them)."""
     recorded = {}
-    for eqn in closed.jaxpr.eqns:
-        params = eqn.primitive.get_bind_params(eqn.params)
-        with eqn.ctx.manager:
-            ans = eqn.primitive.bind(*map(read, eqn.invars), **params)
-        outs = ans if eqn.primitive.multiple_results else [ans]
-        for v, value in zip(eqn.outvars, outs):
+
+    def step(_, eqn, ins):
+        outs = _jaxpr.bind(eqn, ins)
+        for j, (v, value) in enumerate(zip(eqn.outvars, outs)):
             if v in record:
                 recorded[v] = value
             if v in hooks:
-                value = hooks[v](value)
-            env[v] = value
-    return [read(v) for v in closed.jaxpr.outvars], recorded
+                outs[j] = hooks[v](value)
+        return outs
+
+    return _jaxpr.evaluate(closed, flat, step), recorded
 
 
 class UnitView:
