@@ -22,20 +22,19 @@ def bind(eqn: Any, ins: Sequence[Any]) -> list:
     return list(ans) if eqn.primitive.multiple_results else [ans]
 
 
-def evaluate(closed: Any, args: Sequence[Any], step: Step | None = None) -> list:
+def evaluate(closed: Any, args: Sequence[Any], step: Step) -> list:
     """Evaluates a closed jaxpr equation by equation and returns its outputs.
 
     Args:
       closed: a ``ClosedJaxpr``.
       args: one value per input variable.
       step: computes each equation's outputs from its index, the equation
-        and its input values; by default :func:`bind`. It may record values
+        and its input values, mostly by :func:`bind`; it may record values
         or return others in place of the equation's.
 
     Returns:
       The values of the jaxpr's output variables.
     """
-    step = step or (lambda _, eqn, ins: bind(eqn, ins))
     env: dict[Any, Any] = {}
 
     def read(v):
