@@ -755,7 +755,7 @@ def _finish(sources, key, valid, offsets, lo, hi, need, width: int, ends):
     by the largest counts, with the entries each leaf has left over, and
     the bracket's entries among them sorted.
     """
-    columns, cand_keys, cand_pos, cand_in = [], [], [], []
+    columns, laid_out, cand_keys, cand_pos, cand_in = [], [], [], [], []
     ends = iter(ends)
     for s, v, o in zip(sources, valid, offsets):
         flat = s.reshape(-1)
@@ -763,7 +763,9 @@ def _finish(sources, key, valid, offsets, lo, hi, need, width: int, ends):
         if _has_columns(s):
             e = next(ends)
             columns.append((e >> 4) - (e & 15))
-            main = e.size * _count_rows(flat.size, _PAIR_ROWS)
+            rows = _count_rows(flat.size, _PAIR_ROWS)
+            laid_out.append((s, v, o, rows, e.size))
+            main = e.size * rows
         if main < flat.size:
             x = key(flat[main:])
             inside = (lo <= x) & (x < hi)
@@ -775,11 +777,7 @@ def _finish(sources, key, valid, offsets, lo, hi, need, width: int, ends):
     if columns:
         chosen = fullest_columns(columns, width)
         start = 0
-        for x, v, o in zip(sources, valid, offsets):
-            if not _has_columns(x):
-                continue
-            rows = _count_rows(x.size, _PAIR_ROWS)
-            n = x.size // rows
+        for x, v, o, rows, n in laid_out:
             local = jnp.clip(chosen - start, 0, n - 1)
             mine = (chosen >= start) & (chosen < start + n)
             start += n
