@@ -389,7 +389,7 @@ def test_search_passes_write_nothing_the_size_of_the_scores(paired):
 
 
 @pytest.mark.parametrize("sizes", [(100, 50), (5000,), (1021, 3000, 7)])
-def testfullest_columns_hold_every_column_of_the_bracket(sizes):
+def test_fullest_columns_hold_every_column_of_the_bracket(sizes):
     """The finish gathers the columns that the search's counts say hold the
     bracket's entries (at most ``width``), ranking many columns by blocks of
     16 first: every positive column is chosen, the ones the blocks leave
